@@ -1,0 +1,630 @@
+"""Exact edge patching: what each destination reads, edge by edge.
+
+Context
+-------
+In an unpatched forward, destination ``d`` (a head's query/key/value input, an MLP input, or the final
+residual) reads ``r_d = const + sum_s o_s`` over its predecessor sources ``s``. Patching gives every edge a
+weight ``w_sd`` in [0, 1] and an *ablated* source value ``â_s`` (from a corrupted run, zero, or a mean), and
+lets the destination read::
+
+    x_d = r_d - sum_s (1 - w_sd) * (o_s - â_s)
+
+``o_s`` are the source outputs *of the current forward*, already affected by upstream patching; everything
+after ``x_d`` (norm, projections, attention, MLP) runs as the model defines it. ``w = 1`` keeps the edge
+(clean), ``w = 0`` ablates it. The rule is differentiable in ``w``, which is what attribution and learned
+masks use.
+
+Intuition for the implementation: the correction is linear, so one forward needs only the differences
+``D_s = o_s - â_s`` of the sources computed so far (a ``[n_src, batch * pos * d_model]`` buffer) and, at each
+hook that reads the stream, one matrix product ``(1 - W[:n, dests]).T @ D[:n]`` for all of that hook's
+destinations at once. Head outputs come from ``hook_z`` and ``W_O`` (never TransformerLens's
+``use_attn_result``). Hooks are plain forward hooks on TransformerLens hook points, removed on exit; the
+flags the engine needs (split q/k/v inputs, ``hook_mlp_in``) are switched on inside the context and
+restored after it.
+
+Example
+-------
+>>> import torch
+>>> from edgepatch.models import random_model
+>>> from edgepatch.graph import build_graph
+>>> model = random_model("tiny"); graph = build_graph(model)
+>>> clean, corrupt = torch.randint(0, 101, (2, 4, 6))
+>>> abl = source_activations(model, graph, corrupt)
+>>> with patch(model, graph, torch.zeros(graph.n_src, graph.n_dest), abl):
+...     patched = model(clean)
+>>> torch.allclose(patched, model(corrupt), atol=1e-4)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from edgepatch.errors import EdgepatchError, shape_str
+from edgepatch.graph import Graph, ModelSpec, dest_groups, model_spec
+
+Weights = Union[Tensor, Iterable[str]]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ablated source values
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Ablation:
+    """Ablated source outputs ``â``: ``values`` is ``[n_src, batch, pos, d_model]``, where batch and pos
+    may be 1 to broadcast (zero and mean ablation). ``kind`` says how they were made."""
+
+    values: Float[Tensor, "n_src batch pos d_model"]
+    kind: str
+    spec: ModelSpec
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 4:
+            raise EdgepatchError(
+                f"Ablation values must be [n_src, batch, pos, d_model]; got shape {shape_str(self.values.shape)}."
+            )
+
+    @property
+    def n_src(self) -> int:
+        return int(self.values.shape[0])
+
+    def to(self, device: Any = None, dtype: Any = None) -> "Ablation":
+        return Ablation(self.values.to(device=device, dtype=dtype), self.kind, self.spec)
+
+    def __getitem__(self, index: Any) -> "Ablation":
+        """Select prompts (batch entries); broadcast (batch 1) ablations are returned as they are."""
+        if self.values.shape[1] == 1:
+            return self
+        return Ablation(self.values[:, index], self.kind, self.spec)
+
+    def __repr__(self) -> str:
+        return f"Ablation({self.kind}, {shape_str(self.values.shape)})"
+
+
+def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None]) -> list[tuple[str, Callable]]:
+    """Forward hooks that report every source's output ``[n, batch, pos, d_model]`` to ``sink(start, t)``."""
+    spec = graph.spec
+    hooks: list[tuple[str, Callable]] = []
+
+    def on_input(module: Any, inp: Any, out: Tensor) -> None:
+        sink(0, out.unsqueeze(0))
+
+    hooks.append(("blocks.0.hook_resid_pre", on_input))
+    for layer in range(spec.n_layers):
+        start = graph.head_src_slice(layer).start
+
+        def on_z(module: Any, inp: Any, z: Tensor, layer: int = layer, start: int = start) -> None:
+            sink(start, head_outputs(model, layer, z))
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
+        if not spec.attn_only:
+            idx = graph.mlp_src_index(layer)
+
+            def on_mlp(module: Any, inp: Any, out: Tensor, idx: int = idx) -> None:
+                sink(idx, out.unsqueeze(0))
+
+            hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
+    return hooks
+
+
+def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "head batch pos d_model"]:
+    """Per-head outputs ``z_h @ W_O^h`` (without ``b_O``), head-major."""
+    W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+    if z.ndim == 3:  # TransformerBridge's hook_z sees heads flattened: [batch, pos, head * d_head]
+        z = z.view(*z.shape[:2], W_O.shape[0], W_O.shape[1])
+    return torch.einsum("bphk,hkm->hbpm", z, W_O.to(z.dtype))
+
+
+@torch.no_grad()
+def source_activations(model: Any, graph: Graph, tokens: Tensor, **forward_kwargs: Any) -> Ablation:
+    """Run ``model(tokens)`` unpatched and record every source's output: the ablated values of
+    corrupted-run patching. ``forward_kwargs`` (e.g. ``attention_mask``) go to the model.
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> m = random_model("tiny"); g = build_graph(m)
+    >>> source_activations(m, g, torch.zeros(2, 5, dtype=torch.long))
+    Ablation(corrupt, [11, 2, 5, 32])
+    """
+    spec = _check_graph(model, graph)
+    _check_tokens(tokens, spec, "tokens")
+    out: dict[str, Tensor] = {}
+
+    def sink(start: int, t: Tensor) -> None:
+        if "buf" not in out:
+            _, b, p, m = t.shape
+            out["buf"] = t.new_empty(graph.n_src, b, p, m)
+        out["buf"][start : start + t.shape[0]] = t
+
+    with _hooks_installed(model, _source_hooks(model, graph.engine_graph, sink)):
+        model(tokens, **forward_kwargs)
+    return Ablation(out["buf"], "corrupt", spec)
+
+
+@torch.no_grad()
+def mean_activations(
+    model: Any,
+    graph: Graph,
+    tokens: Tensor,
+    attention_mask: Tensor | None = None,
+    per_position: bool = False,
+    batch_size: int = 32,
+) -> Ablation:
+    """Mean source outputs over a reference dataset: over prompts and (unless ``per_position``) positions,
+    ignoring padding where ``attention_mask`` is given. Returns a broadcasting ``Ablation``
+    (``[n_src, 1, 1, d_model]``, or ``[n_src, 1, pos, d_model]`` per position)."""
+    spec = _check_graph(model, graph)
+    _check_tokens(tokens, spec, "tokens")
+    total: Tensor | None = None
+    count: Tensor | None = None
+    for start in range(0, tokens.shape[0], batch_size):
+        tok = tokens[start : start + batch_size]
+        kwargs = {}
+        mask = torch.ones(tok.shape, dtype=torch.bool, device=tok.device)
+        if attention_mask is not None:
+            mask = attention_mask[start : start + batch_size].bool()
+            kwargs["attention_mask"] = attention_mask[start : start + batch_size]
+        vals = source_activations(model, graph, tok, **kwargs).values  # [n_src, b, p, m]
+        w = mask.to(vals.device, vals.dtype)[None, :, :, None]
+        s = (vals * w).sum(1, keepdim=True)
+        c = w.sum(1, keepdim=True)
+        if not per_position:
+            s, c = s.sum(2, keepdim=True), c.sum(2, keepdim=True)
+        total = s if total is None else total + s
+        count = c if count is None else count + c
+    assert total is not None and count is not None
+    return Ablation(total / count.clamp(min=1), "pos_mean" if per_position else "mean", spec)
+
+
+def zero_ablation(graph: Graph, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> Ablation:
+    """Ablate to zero: ``â_s = 0`` for every source."""
+    return Ablation(torch.zeros(graph.n_src, 1, 1, graph.spec.d_model, device=device, dtype=dtype), "zero", graph.spec)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model state: hooks and flags, restored on exit, nesting by counters
+# ------------------------------------------------------------------------------------------------------
+class _ModelSlot:
+    """Per-model engine state: flag nesting depth, the saved flags, and the stack of active patches."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.saved_flags: dict[str, Any] = {}
+        self.stack: list["_Engine"] = []
+
+
+_SLOTS: "weakref.WeakKeyDictionary[Any, _ModelSlot]" = weakref.WeakKeyDictionary()
+
+_FLAGS = (("use_attn_in", False), ("use_split_qkv_input", True), ("use_hook_mlp_in", True))
+
+
+def _slot(model: Any) -> _ModelSlot:
+    slot = _SLOTS.get(model)
+    if slot is None:
+        slot = _SLOTS[model] = _ModelSlot()
+    return slot
+
+
+def _set_flag(model: Any, flag: str, value: bool) -> None:
+    setter = getattr(model, f"set_{flag}", None)
+    if setter is not None:
+        setter(value)
+    elif hasattr(model.cfg, flag):
+        setattr(model.cfg, flag, value)
+
+
+@contextlib.contextmanager
+def engine_flags(model: Any) -> Iterator[None]:
+    """Switch on the TransformerLens flags the engine reads (split q/k/v inputs, ``hook_mlp_in``; and
+    ``use_attn_in`` off, which excludes split inputs) and restore them on the outermost exit."""
+    slot = _slot(model)
+    if slot.depth == 0:
+        saved = {flag: bool(getattr(model.cfg, flag, False)) for flag, _ in _FLAGS}
+        try:
+            for flag, value in _FLAGS:
+                if flag == "use_hook_mlp_in" and bool(getattr(model.cfg, "attn_only", False)):
+                    continue
+                if saved[flag] != value and (hasattr(model.cfg, flag) or hasattr(model, f"set_{flag}")):
+                    _set_flag(model, flag, value)
+        except Exception:
+            _restore_flags(model, saved)
+            raise
+        slot.saved_flags = saved
+    slot.depth += 1
+    try:
+        yield
+    finally:
+        slot.depth -= 1
+        if slot.depth == 0:
+            _restore_flags(model, slot.saved_flags)
+
+
+def _restore_flags(model: Any, saved: dict[str, bool]) -> None:
+    # split inputs off before attn_in may go back on (TransformerLens refuses both at once)
+    for flag, _ in reversed(_FLAGS):
+        if bool(getattr(model.cfg, flag, False)) != saved[flag]:
+            _set_flag(model, flag, saved[flag])
+
+
+def _hook_point(model: Any, name: str) -> Any:
+    hp = model.hook_dict.get(name)
+    if hp is None:
+        raise EdgepatchError(
+            f"The model has no hook point {name!r}, which edgepatch needs. Supported models are "
+            f"TransformerLens HookedTransformer and TransformerBridge with standard hook names."
+        )
+    return hp
+
+
+@contextlib.contextmanager
+def _hooks_installed(model: Any, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
+    handles = []
+    try:
+        for name, fn in hooks:
+            handles.append(_hook_point(model, name).register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The mixing step, with a memory-light backward
+# ------------------------------------------------------------------------------------------------------
+class _Mix(torch.autograd.Function):
+    """``mt @ buf`` where ``buf`` holds (detached) copies of the ``groups`` tensors, stacked.
+
+    The buffer is written in place as sources are computed, which autograd's saved-tensor checks would
+    reject; the prefix a destination reads is never written again in the same forward, so the backward
+    reads it safely and routes the gradient to the original (differentiable) ``groups``."""
+
+    @staticmethod
+    def forward(ctx: Any, mt: Tensor, buf: Tensor, *groups: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mt)
+        ctx.buf = buf
+        ctx.shapes = [g.shape for g in groups]
+        return mt @ buf
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        (mt,) = ctx.saved_tensors
+        g_mt = grad @ ctx.buf.T if ctx.needs_input_grad[0] else None
+        group_grads: list[Tensor | None] = [None] * len(ctx.shapes)
+        if any(ctx.needs_input_grad[2:]):
+            g_buf = mt.T @ grad
+            sizes = [s[0] for s in ctx.shapes]
+            group_grads = [g.reshape(s) for g, s in zip(g_buf.split(sizes), ctx.shapes)]
+        return (g_mt, None, *group_grads)
+
+
+class _Engine:
+    """One patching configuration's hooks; the per-forward state lives here between hooks."""
+
+    def __init__(
+        self,
+        model: Any,
+        graph: Graph,
+        weight_fn: Callable[[], Tensor],
+        ablation: Ablation,
+        slots: Tensor | None,
+    ) -> None:
+        self.model = model
+        self.graph = graph
+        self.g = graph.engine_graph
+        self.weight_fn = weight_fn
+        self.abl = ablation.values
+        self.slots = slots  # per-token weight slots [batch, pos] (per-position weights) or None
+        self.plan = dest_groups(graph)
+        self.handles: list[Any] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.W: Tensor | None = None
+        self.buf: Tensor | None = None
+        self.groups: list[tuple[int, Tensor]] = []
+        self.filled = 0
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def hook_list(self) -> list[tuple[str, Callable]]:
+        hooks = _source_hooks(self.model, self.g, self._sink)
+        # The input hook must also start a new forward: wrap it.
+        name0, fn0 = hooks[0]
+
+        def on_input(module: Any, inp: Any, out: Tensor) -> None:
+            self._start(out)
+            fn0(module, inp, out)
+
+        hooks[0] = (name0, on_input)
+        for name, idx, n in self.plan:
+            hooks.append((name, self._make_dest_hook(idx, n)))
+        return hooks
+
+    def install(self) -> None:
+        for name, fn in self.hook_list():
+            self.handles.append(_hook_point(self.model, name).register_forward_hook(fn))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._reset()
+
+    # -- per forward -----------------------------------------------------------------------------------
+    def _start(self, x: Tensor) -> None:
+        self._reset()
+        b, p, m = x.shape
+        ab, ap = self.abl.shape[1], self.abl.shape[2]
+        if (ab not in (1, b)) or (ap not in (1, p)):
+            raise EdgepatchError(
+                f"patch: the ablated activations have batch x pos = {ab} x {ap} (the corrupted tokens' shape), "
+                f"but the model is now run on tokens of shape [{b}, {p}]. Clean and corrupted tokens must have "
+                f"the same shape: pad both to the same length (PromptPairs does this), or use mean/zero "
+                f"ablation, which broadcasts."
+            )
+        if self.abl.device != x.device or self.abl.dtype != x.dtype:
+            self.abl = self.abl.to(x.device, x.dtype)
+        W = self.weight_fn()
+        W = self.graph.expand(W).to(x.device, x.dtype)
+        if self.slots is not None:
+            if tuple(self.slots.shape) != (b, p):
+                raise EdgepatchError(
+                    f"patch: positions has shape {shape_str(self.slots.shape)} but the model is run on tokens of "
+                    f"shape [{b}, {p}]; give one position slot per token (or -1 to leave a token unpatched)."
+                )
+        self.W = W
+        self.buf = x.new_empty(self.g.n_src, b, p, m)
+
+    def _sink(self, start: int, out: Tensor) -> None:
+        if self.buf is None:
+            raise EdgepatchError("patch: a source hook ran before the model's input hook; unsupported model.")
+        n = out.shape[0]
+        diff = out - self.abl[start : start + n]
+        if diff.shape[1:] != self.buf.shape[1:]:
+            diff = diff.expand(n, *self.buf.shape[1:])
+        with torch.no_grad():
+            self.buf[start : start + n] = diff
+        self.groups.append((start, diff))
+        self.filled = max(self.filled, start + n)
+
+    def _prefix_groups(self, n: int) -> list[Tensor]:
+        out, covered = [], 0
+        for start, t in sorted(self.groups, key=lambda st: st[0]):
+            if start >= n:
+                break
+            if start != covered or start + t.shape[0] > n:
+                raise EdgepatchError(
+                    "patch: sources were computed in an unexpected order for this model; please report this "
+                    "model's architecture to edgepatch."
+                )
+            out.append(t)
+            covered += t.shape[0]
+        if covered != n:
+            raise EdgepatchError(f"patch: internal error, {covered} of {n} predecessor sources available.")
+        return out
+
+    def _make_dest_hook(self, idx: Tensor, n: int) -> Callable:
+        def hook(module: Any, inp: Any, x: Tensor) -> Tensor | None:
+            W, buf = self.W, self.buf
+            if W is None or buf is None:
+                return None
+            idx_d = idx.to(W.device)
+            if self.slots is None:
+                mt = (1 - W[:n, idx_d]).T.contiguous()  # [h, n]
+                if not mt.requires_grad and not bool(mt.any()):
+                    return None
+                groups = self._prefix_groups(n)
+                _, b, p, m = buf.shape
+                corr = _Mix.apply(mt, buf[:n].view(n, -1), *groups)  # [h, b*p*m]
+                corr = corr.view(-1, b, p, m).permute(1, 2, 0, 3)  # [b, p, h, m]
+            else:
+                groups = self._prefix_groups(n)
+                D = torch.cat(groups) if len(groups) > 1 else groups[0]  # [n, b, p, m]
+                slots = self.slots.to(W.device)
+                Wp = torch.cat([W[..., :n, :][..., idx_d], W.new_ones(1, n, len(idx_d))])  # [S+1, n, h]
+                mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, h]
+                corr = torch.einsum("bpnh,nbpm->bphm", mt, D)
+            if x.ndim == 3:
+                corr = corr[:, :, 0]
+            return x - corr
+
+        return hook
+
+
+# ------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------
+def _check_graph(model: Any, graph: Graph) -> ModelSpec:
+    if not isinstance(graph, Graph):
+        raise EdgepatchError(f"graph must be an edgepatch Graph (from ep.build_graph(model)); got {type(graph).__name__}.")
+    spec = model_spec(model)
+    if not spec.same_shape(graph.spec):
+        g = graph.spec
+        raise EdgepatchError(
+            f"The graph was built for {g.name} ({g.n_layers} layers x {g.n_heads} heads, d_model {g.d_model}) but "
+            f"the model is {spec.name} ({spec.n_layers} layers x {spec.n_heads} heads, d_model {spec.d_model}). "
+            f"Build the graph from this model: ep.build_graph(model)."
+        )
+    return spec
+
+
+def _check_tokens(tokens: Any, spec: ModelSpec, what: str) -> None:
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+        desc = f"a tensor of shape {shape_str(tokens.shape)} and dtype {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise EdgepatchError(f"{what} must be token ids, an integer tensor [batch, pos]; got {desc}.")
+
+
+def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Tensor:
+    """Validate and convert ``weights`` (a dense tensor, or edge names to keep) to a float tensor
+    ``[n_src, n_dest]`` (``[slots, n_src, n_dest]`` with per-position weights)."""
+    if isinstance(weights, str):
+        raise EdgepatchError(
+            f"weights is a single string {weights!r}; pass a list of edge names to keep, e.g. [{weights!r}]."
+        )
+    if not isinstance(weights, Tensor):
+        try:
+            names = list(weights)
+        except TypeError:
+            raise EdgepatchError(
+                f"weights must be a tensor [n_src, n_dest] or a collection of edge names; got {type(weights).__name__}."
+            ) from None
+        if names and not all(isinstance(n, str) for n in names):
+            bad = next(n for n in names if not isinstance(n, str))
+            raise EdgepatchError(f"weights as a collection must hold edge names (str); found {bad!r}.")
+        return graph.mask_from_edges(names).float()
+    w = weights
+    if graph.level == "node" and w.ndim == (2 if per_position else 1):
+        w = w.unsqueeze(-1)
+    want = 3 if per_position else 2
+    if w.ndim != want:
+        exp = "[slots, n_src, n_dest]" if per_position else "[n_src, n_dest]"
+        raise EdgepatchError(
+            f"weights has shape {shape_str(w.shape)}; expected {exp} = "
+            f"{'[slots, ' if per_position else '['}{graph.n_src}, {graph.n_dest}] for {graph!r}."
+            + ("" if per_position else " For per-position weights pass positions=... to patch().")
+        )
+    graph.check_shape(w)
+    if not w.is_floating_point():
+        w = w.float()
+    if not w.requires_grad:
+        valid = graph.valid.to(w.device)
+        bad = torch.isnan(w) & valid
+        if bool(bad.any()):
+            first = bad.reshape(-1, graph.n_src, graph.n_dest).any(0).nonzero()[0].tolist()
+            name = graph.edge_names[0] if graph.level == "node" else f"{graph.src_names[first[0]]}->{graph.dest_names[first[1]]}"
+            if graph.level == "node":
+                name = graph.src_names[first[0]]
+            raise EdgepatchError(
+                f"weights contain {int(bad.sum())} NaN value(s) (first at {name!r}). Weights must be numbers in "
+                f"[0, 1]: 1 keeps an edge, 0 ablates it."
+            )
+        vals = w[..., valid]
+        if vals.numel() and (float(vals.min()) < -1e-6 or float(vals.max()) > 1 + 1e-6):
+            raise EdgepatchError(
+                f"weights must lie in [0, 1] (1 keeps an edge, 0 ablates it); got values from "
+                f"{float(vals.min()):.4g} to {float(vals.max()):.4g}. Clamp them, or map raw mask "
+                f"parameters through a mask function (ep.mask_fn)."
+            )
+    return w
+
+
+# ------------------------------------------------------------------------------------------------------
+# The public context manager
+# ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def patch(
+    model: Any,
+    graph: Graph,
+    weights: Weights | Callable[[], Tensor],
+    ablated: Ablation,
+    positions: Tensor | str | None = None,
+) -> Iterator[None]:
+    """Patch ``model``'s edges while the context is open (DESIGN.md §2).
+
+    ``weights``: a ``[n_src, n_dest]`` tensor in [0, 1] (1 = clean, 0 = ablated; differentiable), a
+    collection of edge names to keep (all others ablated), or a callable returning such a tensor at every
+    forward (learned masks). ``ablated``: from :func:`source_activations`, :func:`mean_activations` or
+    :func:`zero_ablation`.
+
+    Per-position weights: ``positions="absolute"`` with weights ``[pos, n_src, n_dest]`` (one weight per
+    token position), or ``positions`` = a ``[batch, pos]`` long tensor mapping each token to a slot of
+    weights ``[slots, n_src, n_dest]`` (-1: the token is not patched). Use named slots for padded,
+    variable-length prompts (e.g. the IO, S1, S2 and END positions of IOI), not raw indices.
+
+    Contexts nest: an inner ``patch`` on the same model replaces the outer one until it exits. On exit,
+    normally or by an exception, hooks are removed and TransformerLens flags restored.
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> m = random_model("tiny"); g = build_graph(m)
+    >>> tok = torch.randint(0, 101, (2, 5))
+    >>> with patch(m, g, torch.ones(g.n_src, g.n_dest), zero_ablation(g)):
+    ...     out = m(tok)
+    >>> torch.allclose(out, m(tok), atol=1e-5)
+    True
+    """
+    _check_graph(model, graph)
+    if not isinstance(ablated, Ablation):
+        raise EdgepatchError(
+            f"ablated must be an Ablation (from ep.source_activations, ep.mean_activations or ep.zero_ablation); "
+            f"got {type(ablated).__name__}."
+        )
+    if ablated.n_src != graph.n_src or not ablated.spec.same_shape(graph.spec):
+        raise EdgepatchError(
+            f"ablated has {ablated.n_src} sources of a {ablated.spec.name} model but {graph!r} has {graph.n_src}: "
+            f"compute the ablation with the same model and graph."
+        )
+    slots: Tensor | None = None
+    per_position = positions is not None
+    if isinstance(positions, str):
+        if positions != "absolute":
+            raise EdgepatchError(f"positions must be None, 'absolute' or a [batch, pos] long tensor; got {positions!r}.")
+    elif isinstance(positions, Tensor):
+        if positions.ndim != 2 or positions.is_floating_point():
+            raise EdgepatchError(
+                f"positions must be a [batch, pos] integer tensor of weight slots; got shape {shape_str(positions.shape)} "
+                f"and dtype {positions.dtype}."
+            )
+        slots = positions.long()
+    elif positions is not None:
+        raise EdgepatchError(f"positions must be None, 'absolute' or a [batch, pos] long tensor; got {type(positions).__name__}.")
+
+    if callable(weights) and not isinstance(weights, Tensor):
+        weight_fn = weights
+    else:
+        fixed = as_weights(graph, weights, per_position=per_position)
+        if isinstance(positions, Tensor):
+            n_slots = fixed.shape[0]
+            if bool((slots >= n_slots).any()):  # type: ignore[operator]
+                raise EdgepatchError(
+                    f"positions refers to slot {int(slots.max())} but weights has only {n_slots} slots."  # type: ignore[union-attr]
+                )
+        weight_fn = lambda: fixed  # noqa: E731
+
+    engine: _Engine
+    if positions == "absolute":
+        engine = _AbsoluteEngine(model, graph, weight_fn, ablated, None)
+    else:
+        engine = _Engine(model, graph, weight_fn, ablated, slots)
+
+    slot = _slot(model)
+    with engine_flags(model):
+        outer = slot.stack[-1] if slot.stack else None
+        if outer is not None:
+            outer.remove()
+        slot.stack.append(engine)
+        try:
+            engine.install()
+            yield
+        finally:
+            engine.remove()
+            slot.stack.pop()
+            if outer is not None:
+                outer.install()
+
+
+class _AbsoluteEngine(_Engine):
+    """Per-position weights indexed by absolute position: token (b, p) uses slot p."""
+
+    def _start(self, x: Tensor) -> None:
+        b, p, _ = x.shape
+        self.slots = torch.arange(p, device=x.device).expand(b, p)
+        super()._start(x)
+        assert self.W is not None
+        if self.W.shape[0] != p:
+            raise EdgepatchError(
+                f"patch(positions='absolute'): weights have {self.W.shape[0]} positions but the tokens have {p}."
+            )
+
+
+def active_patch(model: Any) -> Any:
+    """The innermost active patch engine on ``model`` (None when unpatched)."""
+    slot = _SLOTS.get(model)
+    return slot.stack[-1] if slot and slot.stack else None
