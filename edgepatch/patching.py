@@ -282,27 +282,61 @@ def _hooks_installed(model: Any, hooks: Sequence[tuple[str, Callable]]) -> Itera
 class _Mix(torch.autograd.Function):
     """``mt @ buf`` where ``buf`` holds (detached) copies of the ``groups`` tensors, stacked.
 
-    The buffer is written in place as sources are computed, which autograd's saved-tensor checks would
-    reject; the prefix a destination reads is never written again in the same forward, so the backward
-    reads it safely and routes the gradient to the original (differentiable) ``groups``."""
+    ``mt`` is ``[h, n]`` with ``buf`` ``[n, Y]``, or ``[C, h, n]`` (one matrix per circuit folded into the
+    batch) with ``buf`` ``[n, C, X]``. The buffer is written in place as sources are computed, which
+    autograd's saved-tensor checks would reject; the prefix a destination reads is never written again in
+    the same forward, so the backward reads it safely and routes the gradient to the original
+    (differentiable) ``groups``."""
 
     @staticmethod
     def forward(ctx: Any, mt: Tensor, buf: Tensor, *groups: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(mt)
         ctx.buf = buf
         ctx.shapes = [g.shape for g in groups]
-        return mt @ buf
+        if mt.ndim == 2:
+            return mt @ buf
+        return torch.bmm(mt, buf.transpose(0, 1))  # [C, h, X]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
         (mt,) = ctx.saved_tensors
-        g_mt = grad @ ctx.buf.T if ctx.needs_input_grad[0] else None
+        buf = ctx.buf
+        g_mt = None
+        if ctx.needs_input_grad[0]:
+            g_mt = grad @ buf.T if mt.ndim == 2 else torch.bmm(grad, buf.transpose(0, 1).transpose(1, 2))
         group_grads: list[Tensor | None] = [None] * len(ctx.shapes)
-        if any(ctx.needs_input_grad[2:]):
-            g_buf = mt.T @ grad
+        if any(ctx.needs_input_grad[2:]) and bool(mt.any()):
+            if mt.ndim == 2:
+                g_buf = mt.T @ grad
+            else:
+                g_buf = torch.bmm(mt.transpose(1, 2), grad).transpose(0, 1).reshape(buf.shape[0], -1)
             sizes = [s[0] for s in ctx.shapes]
             group_grads = [g.reshape(s) for g, s in zip(g_buf.split(sizes), ctx.shapes)]
         return (g_mt, None, *group_grads)
+
+
+class _Probe(torch.autograd.Function):
+    """Identity in the forward; in the backward, accumulate ``grad . D`` into ``acc[:n, idx]``: the
+    gradient of the metric w.r.t. the weights of these destinations' edges, at weights 1 (attribution)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, acc: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor:  # type: ignore[override]
+        ctx.acc, ctx.buf, ctx.idx, ctx.n = acc, buf, idx, n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        n, buf = ctx.n, ctx.buf  # buf [n, b, p, m]
+        g = grad if grad.ndim == 4 else grad.unsqueeze(2)  # [b, p, h, m]
+        h = g.shape[2]
+        if ctx.acc.ndim == 2:
+            gh = g.permute(2, 0, 1, 3).reshape(h, -1)  # [h, X]
+            contrib = buf.reshape(n, -1) @ gh.T  # [n, h]
+            ctx.acc[:n, ctx.idx] += contrib.to(ctx.acc.dtype)
+        else:  # per position: acc [pos, n_src, n_dest]
+            contrib = torch.einsum("bphm,nbpm->pnh", g, buf)
+            ctx.acc[:, :n, ctx.idx] += contrib.to(ctx.acc.dtype)
+        return grad, None, None, None, None
 
 
 class _Engine:
@@ -322,6 +356,8 @@ class _Engine:
         self.weight_fn = weight_fn
         self.abl = ablation.values
         self.slots = slots  # per-token weight slots [batch, pos] (per-position weights) or None
+        self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [pos, ...])
+        self.n_circuits = 0
         self.plan = dest_groups(graph)
         self.handles: list[Any] = []
         self._reset()
@@ -357,12 +393,15 @@ class _Engine:
         self.handles = []
         self._reset()
 
+    def _may_fold(self) -> bool:
+        return self.slots is None
+
     # -- per forward -----------------------------------------------------------------------------------
     def _start(self, x: Tensor) -> None:
         self._reset()
         b, p, m = x.shape
         ab, ap = self.abl.shape[1], self.abl.shape[2]
-        if (ab not in (1, b)) or (ap not in (1, p)):
+        if (ab not in (1, b) and not (b % ab == 0 and self._may_fold())) or (ap not in (1, p)):
             raise EdgepatchError(
                 f"patch: the ablated activations have batch x pos = {ab} x {ap} (the corrupted tokens' shape), "
                 f"but the model is now run on tokens of shape [{b}, {p}]. Clean and corrupted tokens must have "
@@ -373,6 +412,28 @@ class _Engine:
             self.abl = self.abl.to(x.device, x.dtype)
         W = self.weight_fn()
         W = self.graph.expand(W).to(x.device, x.dtype)
+        self.n_circuits = 0
+        if self.slots is None and W.ndim == 3:
+            c = W.shape[0]
+            if b % c:
+                raise EdgepatchError(
+                    f"patch: weights hold {c} circuits ([C, n_src, n_dest]) but the batch has {b} rows, not a "
+                    f"multiple of {c}. Fold the circuits into the batch: tokens.repeat({c}, 1) runs every prompt "
+                    f"under every circuit (rows c*batch .. (c+1)*batch-1 use circuit c)."
+                )
+            if ab not in (1, b // c):
+                raise EdgepatchError(
+                    f"patch: the ablated activations have batch {ab}, but the batch holds {c} circuits x "
+                    f"{b // c} prompts; compute the ablation on the {b // c} unrepeated prompts."
+                )
+            self.n_circuits = c
+        elif ab not in (1, b):
+            raise EdgepatchError(
+                f"patch: the ablated activations have batch x pos = {ab} x {ap} (the corrupted tokens' shape), "
+                f"but the model is now run on tokens of shape [{b}, {p}]. Clean and corrupted tokens must have "
+                f"the same shape: pad both to the same length (PromptPairs does this), or use mean/zero "
+                f"ablation, which broadcasts."
+            )
         if self.slots is not None:
             if tuple(self.slots.shape) != (b, p):
                 raise EdgepatchError(
@@ -386,7 +447,12 @@ class _Engine:
         if self.buf is None:
             raise EdgepatchError("patch: a source hook ran before the model's input hook; unsupported model.")
         n = out.shape[0]
-        diff = out - self.abl[start : start + n]
+        a = self.abl[start : start + n]
+        if self.n_circuits and a.shape[1] not in (1, out.shape[1]):
+            c = self.n_circuits
+            diff = (out.view(n, c, -1, *out.shape[2:]) - a[:, None]).view(out.shape)
+        else:
+            diff = out - a
         if diff.shape[1:] != self.buf.shape[1:]:
             diff = diff.expand(n, *self.buf.shape[1:])
         with torch.no_grad():
@@ -416,7 +482,18 @@ class _Engine:
             if W is None or buf is None:
                 return None
             idx_d = idx.to(W.device)
-            if self.slots is None:
+            if self.probe is not None:
+                return _Probe.apply(x, self.probe, buf[:n], idx_d, n)
+            if self.slots is None and W.ndim == 3:  # circuits folded into the batch
+                c = W.shape[0]
+                mt = (1 - W[:, :n, idx_d]).transpose(1, 2).contiguous()  # [C, h, n]
+                if not mt.requires_grad and not bool(mt.any()):
+                    return None
+                groups = self._prefix_groups(n)
+                _, b, p, m = buf.shape
+                corr = _Mix.apply(mt, buf[:n].view(n, c, -1), *groups)  # [C, h, X]
+                corr = corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
+            elif self.slots is None:
                 mt = (1 - W[:n, idx_d]).T.contiguous()  # [h, n]
                 if not mt.requires_grad and not bool(mt.any()):
                     return None
@@ -483,12 +560,15 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
     if graph.level == "node" and w.ndim == (2 if per_position else 1):
         w = w.unsqueeze(-1)
     want = 3 if per_position else 2
+    if w.ndim == 3 and not per_position:
+        want = 3  # a circuit axis folded into the batch
     if w.ndim != want:
         exp = "[slots, n_src, n_dest]" if per_position else "[n_src, n_dest]"
         raise EdgepatchError(
             f"weights has shape {shape_str(w.shape)}; expected {exp} = "
             f"{'[slots, ' if per_position else '['}{graph.n_src}, {graph.n_dest}] for {graph!r}."
-            + ("" if per_position else " For per-position weights pass positions=... to patch().")
+            + ("" if per_position else " For per-position weights pass positions=... to patch(); [C, n_src, n_dest] "
+               "runs C circuits at once with the batch folded (tokens.repeat(C, 1)).")
         )
     graph.check_shape(w)
     if not w.is_floating_point():
