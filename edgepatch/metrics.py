@@ -1,0 +1,376 @@
+"""Metrics: how well a (patched) model does the task, one number per prompt.
+
+Context
+-------
+Circuit discovery scores edges by how much patching them changes a *metric* of the model's output, and
+judges a circuit by how much of the clean behaviour it keeps. A metric here is any callable
+
+    metric(logits: [batch, pos, d_vocab], data: PromptPairs) -> [batch]
+
+that reads the next-token prediction at ``data.answer_pos`` (the last real token) and returns one value
+per prompt. It must be differentiable in ``logits``: attribution patching (EAP) and integrated gradients
+take its gradient. Reduce over the batch yourself (usually ``.mean()``).
+
+Built-in metrics (``get_metric(name)``):
+
+=====================  ===================================================================  ========
+name                   value per prompt                                                     better
+=====================  ===================================================================  ========
+``logit_diff``         mean answer logit - mean wrong logit (Wang et al. 2022)              higher
+``answer_prob``        total probability of the answers, sum_a p(a)                         higher
+``answer_logprob``     log of that total, log sum_a p(a)                                    higher
+``prob_diff``          sum_a p(a) - sum_w p(w)                                              higher
+``kl_div``             KL(clean || patched) of the next-token distributions (needs clean)   lower
+``accuracy``           1.0 if the best answer logit beats every wrong logit, else 0.0       higher
+``prob_diff_years``    sum p(year > YY) - sum p(year <= YY) (Hanna et al. 2023, greater-than) higher
+=====================  ===================================================================  ========
+
+Every metric carries two attributes used by the engine: ``higher_is_better`` (direction of "good") and
+``needs_clean`` (True when the metric compares with the clean run, like KL; such a metric is a
+``KLDivergence``-like object with ``.prepare(clean_logits)`` returning a ready-to-call copy).
+``accuracy`` is a step function: its gradient is zero, so do not use it for attribution.
+
+Faithfulness of a circuit is usually reported normalized between the full model and the fully ablated
+model: ``normalized_faithfulness(value, clean, ablated) = (value - ablated) / (clean - ablated)``, 1 for
+a circuit as good as the model, 0 for one no better than ablating everything.
+
+Example
+-------
+>>> import torch
+>>> from edgepatch.data import PromptPairs
+>>> data = PromptPairs.from_tokens([[0, 1]], [[0, 2]], answers=[1], wrong=[2])
+>>> logits = torch.tensor([[[0., 0., 0.], [0., 3., 1.]]])
+>>> logit_diff(logits, data)
+tensor([2.])
+>>> get_metric("logit_diff") is logit_diff
+True
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from typing import Any, Callable, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from edgepatch.data import PromptPairs
+
+__all__ = [
+    "Metric",
+    "KLDivergence",
+    "logit_diff",
+    "answer_prob",
+    "answer_logprob",
+    "prob_diff",
+    "kl_div",
+    "accuracy",
+    "prob_diff_years",
+    "METRICS",
+    "get_metric",
+    "register_metric",
+    "normalized_faithfulness",
+]
+
+Metric = Callable[[Tensor, PromptPairs], Tensor]
+"""A metric: ``(logits [batch, pos, d_vocab], data) -> [batch]``, with ``higher_is_better``/``needs_clean``."""
+
+METRICS: dict[str, Any] = {}
+"""Registry of named metrics. ``kl_div`` maps to the ``KLDivergence`` class (a fresh one per lookup)."""
+
+
+def register_metric(name: str, *, higher_is_better: bool, needs_clean: bool = False):
+    """Decorator: set the metric attributes on ``fn`` and register it under ``name``.
+
+    >>> @register_metric("answer_logit", higher_is_better=True)
+    ... def answer_logit(logits, data):
+    ...     return logits_at_answer(logits, data).gather(-1, data.answers).mean(-1)
+    >>> get_metric("answer_logit").higher_is_better
+    True
+    >>> _ = METRICS.pop("answer_logit")
+    """
+
+    def wrap(fn):
+        fn.higher_is_better = higher_is_better
+        fn.needs_clean = needs_clean
+        if not hasattr(fn, "metric_name"):
+            fn.metric_name = name
+        METRICS[name] = fn
+        return fn
+
+    return wrap
+
+
+def logits_at_answer(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch d_vocab"]:
+    """The logits at each prompt's ``answer_pos``: ``logits[i, data.answer_pos[i]]``, with shape checks."""
+    if not isinstance(logits, Tensor) or logits.ndim != 3:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"A metric expects logits of shape [batch, pos, d_vocab], got {shape}. "
+            "Fix: pass the model's full output logits (model(tokens)), not one position."
+        )
+    batch, pos, d_vocab = logits.shape
+    if batch != data.batch:
+        raise ValueError(
+            f"logits have batch {batch} but the data has {data.batch} prompts; run the model on the same "
+            "prompts you score (e.g. model(data.clean))."
+        )
+    top = int(data.answer_pos.max())
+    if top >= pos:
+        raise ValueError(f"data.answer_pos reaches position {top} but logits have only {pos} positions.")
+    ids_max = max(int(data.answers.max()), int(data.wrong.max()))
+    if ids_max >= d_vocab:
+        raise ValueError(
+            f"answer/wrong token id {ids_max} is outside the logits' vocabulary of {d_vocab}. "
+            "Fix: build the data with the model's tokenizer (data.validate(model) checks this)."
+        )
+    ap = data.answer_pos.to(logits.device)
+    return logits[torch.arange(batch, device=logits.device), ap]
+
+
+def _log_probs(logits: Tensor, data: PromptPairs) -> Tensor:
+    at = logits_at_answer(logits, data)
+    return torch.log_softmax(at.float() if at.dtype in (torch.float16, torch.bfloat16) else at, dim=-1)
+
+
+def _ids(data: PromptPairs, name: str, device: torch.device) -> Tensor:
+    return getattr(data, name).to(device)
+
+
+@register_metric("logit_diff", higher_is_better=True)
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """Answer logit minus wrong logit at ``answer_pos`` (means over several answers / wrong answers).
+
+    >>> from edgepatch.data import PromptPairs
+    >>> d = PromptPairs.from_tokens([[0]], [[0]], [[0, 1]], [2])
+    >>> logit_diff(torch.tensor([[[4., 2., 1.]]]), d)
+    tensor([2.])
+    """
+    at = logits_at_answer(logits, data)
+    good = at.gather(-1, _ids(data, "answers", at.device)).mean(-1)
+    bad = at.gather(-1, _ids(data, "wrong", at.device)).mean(-1)
+    return good - bad
+
+
+@register_metric("answer_prob", higher_is_better=True)
+def answer_prob(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """Total next-token probability of the answers, ``sum_a p(a)``.
+
+    >>> from edgepatch.data import PromptPairs
+    >>> answer_prob(torch.zeros(1, 1, 4), PromptPairs.from_tokens([[0]], [[0]], [[0, 1]], [2]))
+    tensor([0.5000])
+    """
+    lp = _log_probs(logits, data)
+    return lp.gather(-1, _ids(data, "answers", lp.device)).exp().sum(-1)
+
+
+@register_metric("answer_logprob", higher_is_better=True)
+def answer_logprob(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """Log of the answers' total probability, ``log sum_a p(a)`` (the log-prob of the answer if one).
+
+    >>> from edgepatch.data import PromptPairs
+    >>> answer_logprob(torch.zeros(1, 1, 4), PromptPairs.from_tokens([[0]], [[0]], [3], [2]))
+    tensor([-1.3863])
+    """
+    lp = _log_probs(logits, data)
+    return lp.gather(-1, _ids(data, "answers", lp.device)).logsumexp(-1)
+
+
+@register_metric("prob_diff", higher_is_better=True)
+def prob_diff(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """``sum_a p(a) - sum_w p(w)``: probability of the answers minus probability of the wrong answers.
+
+    >>> from edgepatch.data import PromptPairs
+    >>> prob_diff(torch.tensor([[[0., 0., 0., 0.]]]), PromptPairs.from_tokens([[0]], [[0]], [[0, 1]], [2]))
+    tensor([0.2500])
+    """
+    lp = _log_probs(logits, data)
+    good = lp.gather(-1, _ids(data, "answers", lp.device)).exp().sum(-1)
+    bad = lp.gather(-1, _ids(data, "wrong", lp.device)).exp().sum(-1)
+    return good - bad
+
+
+@register_metric("accuracy", higher_is_better=True)
+def accuracy(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """1.0 where the best answer logit is strictly above every wrong logit, else 0.0 (not differentiable).
+
+    >>> from edgepatch.data import PromptPairs
+    >>> accuracy(torch.tensor([[[3., 1., 2.]]]), PromptPairs.from_tokens([[0]], [[0]], [0], [[1, 2]]))
+    tensor([1.])
+    """
+    at = logits_at_answer(logits, data)
+    good = at.gather(-1, _ids(data, "answers", at.device)).max(-1).values
+    bad = at.gather(-1, _ids(data, "wrong", at.device)).max(-1).values
+    return (good > bad).to(at.dtype)
+
+
+@register_metric("prob_diff_years", higher_is_better=True)
+def prob_diff_years(logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+    """Greater-than probability difference: ``sum_{y > YY} p(y) - sum_{y <= YY} p(y)`` over years 00..99.
+
+    Reads ``data.meta["year"]`` (``[batch]`` start years YY) and ``data.meta["year_tokens"]`` (``[100]``
+    ids of the two-digit tokens "00".."99"), as made by ``edgepatch.tasks.greater_than``. Years whose token
+    id is negative (not a single token) are skipped.
+
+    >>> from edgepatch.data import PromptPairs
+    >>> d = PromptPairs.from_tokens([[0]], [[0]], [0], [1], meta={"year": [50], "year_tokens": torch.arange(100)},
+    ...                             per_prompt_keys=["year"])
+    >>> prob_diff_years(torch.zeros(1, 1, 100), d)  # uniform: 49 years above, 51 at or below
+    tensor([-0.0200])
+    """
+    if "year" not in data.meta or "year_tokens" not in data.meta:
+        raise ValueError(
+            "prob_diff_years needs data.meta['year'] (the start year YY of each prompt) and "
+            f"data.meta['year_tokens'] (ids of '00'..'99'); this data's meta has keys {sorted(data.meta)}. "
+            "Fix: build the data with edgepatch.tasks.greater_than."
+        )
+    lp = _log_probs(logits, data)
+    year_tokens = torch.as_tensor(data.meta["year_tokens"], device=lp.device).long()
+    if year_tokens.shape != (100,):
+        raise ValueError(f"data.meta['year_tokens'] must have 100 ids ('00'..'99'), got shape "
+                         f"{tuple(year_tokens.shape)}.")
+    year = torch.as_tensor(data.meta["year"], device=lp.device).long()
+    valid = year_tokens >= 0
+    probs = lp[:, year_tokens.clamp(min=0)].exp() * valid  # [batch, 100]
+    later = torch.arange(100, device=lp.device)[None, :] > year[:, None]  # [batch, 100]
+    return (probs * later).sum(-1) - (probs * ~later).sum(-1)
+
+
+class KLDivergence:
+    """KL(clean || patched) of the next-token distributions at ``answer_pos``; lower is better.
+
+    ``KL = sum_v p_clean(v) * (log p_clean(v) - log p_patched(v))`` per prompt. The clean distribution is
+    a fixed target, so the metric must be *prepared* with the clean run's logits for the same prompts
+    before it is called: ``KLDivergence(clean_logits)`` or ``KLDivergence().prepare(clean_logits)``
+    (``prepare`` returns a new, prepared metric and leaves the original unchanged). ``clean_logits`` may
+    be the full ``[batch, pos, d_vocab]`` output (read at ``data.answer_pos`` at call time) or already
+    ``[batch, d_vocab]``; they are detached. Engines see ``needs_clean = True`` and call ``prepare``.
+
+    >>> from edgepatch.data import PromptPairs
+    >>> d = PromptPairs.from_tokens([[0]], [[0]], [0], [1])
+    >>> clean = torch.tensor([[[1., 2., 3.]]])
+    >>> KLDivergence(clean)(clean, d)
+    tensor([0.])
+    """
+
+    higher_is_better = False
+    needs_clean = True
+    metric_name = "kl_div"
+
+    def __init__(self, clean_logits: Tensor | None = None):
+        if clean_logits is not None:
+            if not isinstance(clean_logits, Tensor) or clean_logits.ndim not in (2, 3):
+                shape = tuple(clean_logits.shape) if isinstance(clean_logits, Tensor) else type(clean_logits).__name__
+                raise ValueError(
+                    f"clean_logits must be [batch, pos, d_vocab] or [batch, d_vocab], got {shape}."
+                )
+            clean_logits = clean_logits.detach()
+        self.clean_logits = clean_logits
+
+    @property
+    def prepared(self) -> bool:
+        return self.clean_logits is not None
+
+    def prepare(self, clean_logits: Tensor) -> "KLDivergence":
+        """A new ``KLDivergence`` comparing against ``clean_logits`` (the clean run on the same prompts)."""
+        return type(self)(clean_logits)
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"], data: PromptPairs) -> Float[Tensor, "batch"]:
+        if self.clean_logits is None:
+            raise RuntimeError(
+                "kl_div compares with the clean run but was not prepared with its logits. "
+                "Fix: metric = KLDivergence(clean_logits) or get_metric('kl_div').prepare(clean_logits), "
+                "where clean_logits = model(data.clean)."
+            )
+        lp = _log_probs(logits, data)
+        clean = self.clean_logits.to(lp.device)
+        if clean.shape[0] != lp.shape[0] or clean.shape[-1] != lp.shape[-1]:
+            raise ValueError(
+                f"clean_logits {tuple(clean.shape)} do not match the logits being scored "
+                f"{tuple(logits.shape)} (batch and d_vocab must agree). Prepare the metric with the clean "
+                "logits of the same batch of prompts."
+            )
+        clean_lp = _log_probs(clean, data) if clean.ndim == 3 else torch.log_softmax(clean.to(lp.dtype), dim=-1)
+        return (clean_lp.exp() * (clean_lp - lp)).sum(-1)
+
+    def __repr__(self) -> str:
+        state = "prepared" if self.prepared else "unprepared: call .prepare(clean_logits)"
+        return f"KLDivergence({state})"
+
+
+METRICS["kl_div"] = KLDivergence
+kl_div = KLDivergence
+"""``kl_div`` is the ``KLDivergence`` class: ``kl_div(clean_logits)(logits, data)``."""
+
+
+def get_metric(name_or_callable: Union[str, Callable]) -> Callable:
+    """Resolve a metric name (see the module table) or return a callable unchanged.
+
+    ``"kl_div"`` returns a fresh, unprepared ``KLDivergence``. Unknown names raise ``ValueError`` listing
+    close matches and all known names.
+
+    >>> get_metric("kl_div")
+    KLDivergence(unprepared: call .prepare(clean_logits))
+    >>> get_metric("logit_dif")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown metric 'logit_dif'. Did you mean 'logit_diff' or ...? Known metrics: accuracy, ...
+    """
+    if isinstance(name_or_callable, str):
+        entry = METRICS.get(name_or_callable)
+        if entry is None:
+            close = difflib.get_close_matches(name_or_callable, list(METRICS), n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"Unknown metric {name_or_callable!r}.{hint} Known metrics: {', '.join(sorted(METRICS))}."
+            )
+        return entry() if isinstance(entry, type) else entry
+    if isinstance(name_or_callable, type):
+        return name_or_callable()
+    if callable(name_or_callable):
+        return name_or_callable
+    raise TypeError(
+        f"metric must be a name or a callable (logits, data) -> [batch], got {type(name_or_callable).__name__}."
+    )
+
+
+def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:
+    """``(value - ablated) / (clean - ablated)``, elementwise, for floats or tensors (broadcasting).
+
+    Where ``clean == ablated`` the ratio is undefined: the result there is ``nan`` and one
+    ``RuntimeWarning`` is issued per call (Python's warning filter then shows it once per call site).
+    Floats in give a float out; any tensor in gives a tensor out.
+
+    >>> normalized_faithfulness(1.5, clean=2.0, ablated=0.5)
+    0.6666666666666666
+    >>> normalized_faithfulness(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0]), torch.tensor([0.0, 3.0]))
+    tensor([0.5000,    nan])
+    """
+    if not any(isinstance(x, Tensor) for x in (value, clean, ablated)):
+        denom = float(clean) - float(ablated)
+        if denom == 0:
+            warnings.warn(
+                f"normalized_faithfulness: clean == ablated ({float(clean)!r}), so the ratio is undefined; "
+                "returning nan. The task metric does not separate the clean and ablated model.",
+                RuntimeWarning, stacklevel=2,
+            )
+            return math.nan
+        return (float(value) - float(ablated)) / denom
+    tensors = [x for x in (value, clean, ablated) if isinstance(x, Tensor)]
+    dtype = torch.promote_types(tensors[0].dtype, torch.get_default_dtype())
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    device = tensors[0].device
+    v, c, a = (torch.as_tensor(x, dtype=dtype, device=device) for x in (value, clean, ablated))
+    denom = c - a
+    zero = denom == 0
+    if bool(zero.any()):
+        warnings.warn(
+            f"normalized_faithfulness: clean == ablated at {int(zero.sum())} of {zero.numel()} entries, so the "
+            "ratio is undefined there; returning nan at those entries.",
+            RuntimeWarning, stacklevel=2,
+        )
+    return torch.where(zero, torch.full_like(denom, math.nan), (v - a) / torch.where(zero, torch.ones_like(denom), denom))

@@ -1,0 +1,226 @@
+"""Metrics on hand-built logits, with expected values derived by hand in each test."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from edgepatch.data import PromptPairs
+from edgepatch.metrics import (
+    METRICS,
+    KLDivergence,
+    accuracy,
+    answer_logprob,
+    answer_prob,
+    get_metric,
+    kl_div,
+    logit_diff,
+    normalized_faithfulness,
+    prob_diff,
+    prob_diff_years,
+)
+
+
+@pytest.fixture
+def toy():
+    """2 prompts, 2 positions, vocab 3. Prompt 1 is one token long (answer_pos 0), prompt 0 two (pos 1)."""
+    data = PromptPairs.from_tokens(
+        clean=[[0, 1], [2, 0]], corrupt=[[1, 1], [1, 0]], answers=[0, 2], wrong=[1, 0],
+        attention_mask=[[1, 1], [1, 0]],
+    )
+    logits = torch.tensor([
+        [[9.0, 9.0, 9.0], [3.0, 1.0, 0.0]],   # prompt 0 scored at pos 1: answer 0 -> 3, wrong 1 -> 1
+        [[1.0, 5.0, 4.0], [9.0, 9.0, 9.0]],   # prompt 1 scored at pos 0: answer 2 -> 4, wrong 0 -> 1
+    ])
+    return logits, data
+
+
+def test_logit_diff_hand_values(toy):
+    logits, data = toy
+    assert data.answer_pos.tolist() == [1, 0]
+    torch.testing.assert_close(logit_diff(logits, data), torch.tensor([3.0 - 1.0, 4.0 - 1.0]))
+
+
+def test_logit_diff_means_over_several_answers_and_wrong():
+    data = PromptPairs.from_tokens([[0]], [[0]], answers=[[0, 1]], wrong=[[2, 3]])
+    logits = torch.tensor([[[4.0, 2.0, 1.0, -1.0]]])
+    # mean(4, 2) - mean(1, -1) = 3 - 0
+    torch.testing.assert_close(logit_diff(logits, data), torch.tensor([3.0]))
+
+
+def test_logit_diff_gradient_is_plus_minus_one_at_answer_pos(toy):
+    logits, data = toy
+    logits = logits.clone().requires_grad_(True)
+    logit_diff(logits, data).sum().backward()
+    expected = torch.zeros_like(logits)
+    expected[0, 1, 0], expected[0, 1, 1] = 1.0, -1.0
+    expected[1, 0, 2], expected[1, 0, 0] = 1.0, -1.0
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_probability_metrics_hand_values(toy):
+    logits, data = toy
+    # prompt 0 at pos 1: logits (3, 1, 0) -> probs e^3, e^1, e^0 over Z0
+    z0 = math.exp(3) + math.exp(1) + 1
+    # prompt 1 at pos 0: logits (1, 5, 4)
+    z1 = math.exp(1) + math.exp(5) + math.exp(4)
+    p_ans = torch.tensor([math.exp(3) / z0, math.exp(4) / z1])
+    p_wrong = torch.tensor([math.exp(1) / z0, math.exp(1) / z1])
+    torch.testing.assert_close(answer_prob(logits, data), p_ans)
+    torch.testing.assert_close(answer_logprob(logits, data), p_ans.log())
+    torch.testing.assert_close(prob_diff(logits, data), p_ans - p_wrong)
+
+
+def test_answer_prob_sums_several_answers():
+    data = PromptPairs.from_tokens([[0]], [[0]], answers=[[0, 1]], wrong=[3])
+    uniform = torch.zeros(1, 1, 4)
+    torch.testing.assert_close(answer_prob(uniform, data), torch.tensor([0.5]))
+    torch.testing.assert_close(answer_logprob(uniform, data), torch.tensor([math.log(0.5)]))
+    torch.testing.assert_close(prob_diff(uniform, data), torch.tensor([0.25]))
+
+
+def test_accuracy_strict_and_several_wrong():
+    data = PromptPairs.from_tokens([[0], [0], [0]], [[0], [0], [0]], answers=[0, 0, 0], wrong=[[1, 2]] * 3)
+    logits = torch.tensor([[[3.0, 1.0, 2.0]], [[2.0, 1.0, 2.0]], [[1.0, 0.0, 5.0]]])
+    # beats both | ties one (not strictly greater) | loses to one
+    torch.testing.assert_close(accuracy(logits, data), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_kl_zero_for_identical_logits(toy):
+    logits, data = toy
+    metric = KLDivergence(logits)
+    torch.testing.assert_close(metric(logits, data), torch.zeros(2))
+
+
+def test_kl_hand_value():
+    data = PromptPairs.from_tokens([[0]], [[0]], [0], [1])
+    clean = torch.tensor([[0.5, 0.25, 0.25]]).log()[:, None, :]
+    patched = torch.tensor([[0.25, 0.5, 0.25]]).log()[:, None, :]
+    # KL(p || q) = 0.5 ln(0.5/0.25) + 0.25 ln(0.25/0.5) + 0.25 ln 1 = 0.25 ln 2
+    expected = torch.tensor([0.25 * math.log(2)])
+    torch.testing.assert_close(KLDivergence(clean)(patched, data), expected)
+    # clean logits already at answer_pos ([batch, d_vocab]) give the same value
+    torch.testing.assert_close(KLDivergence(clean[:, 0])(patched, data), expected)
+    # direction: KL(clean || patched), not KL(patched || clean). With q = (0.8, 0.1, 0.1):
+    # KL(p || q) = 0.5 ln(0.5/0.8) + 2 * 0.25 ln(0.25/0.1);  KL(q || p) = 0.8 ln(0.8/0.5) + 2 * 0.1 ln(0.1/0.25)
+    q = torch.tensor([[0.8, 0.1, 0.1]]).log()[:, None, :]
+    p_q = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.25 / 0.1)
+    q_p = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.1 / 0.25)
+    assert abs(p_q - q_p) > 0.01
+    torch.testing.assert_close(KLDivergence(clean)(q, data), torch.tensor([p_q]))
+    torch.testing.assert_close(KLDivergence(q)(clean, data), torch.tensor([q_p]))
+
+
+def test_kl_reads_answer_pos_and_is_differentiable(toy):
+    logits, data = toy
+    other = logits.clone()
+    other[0, 0] = torch.tensor([0.0, 50.0, 0.0])  # not an answer position: no effect
+    torch.testing.assert_close(KLDivergence(logits)(other, data), torch.zeros(2))
+    patched = torch.randn(2, 2, 3, requires_grad=True)
+    KLDivergence(logits)(patched, data).sum().backward()
+    assert patched.grad is not None and patched.grad[0, 0].abs().sum() == 0
+
+
+def test_kl_prepare_and_errors(toy):
+    logits, data = toy
+    base = get_metric("kl_div")
+    assert isinstance(base, KLDivergence) and not base.prepared
+    assert base.needs_clean and not base.higher_is_better
+    with pytest.raises(RuntimeError, match=r"not prepared .*prepare\(clean_logits\)"):
+        base(logits, data)
+    ready = base.prepare(logits)
+    assert ready.prepared and not base.prepared  # prepare returns a new metric
+    with pytest.raises(ValueError, match=r"clean_logits \(1, 2, 3\) do not match .*\(2, 2, 3\)"):
+        KLDivergence(logits[:1])(logits, data)
+    with pytest.raises(ValueError, match=r"clean_logits must be \[batch, pos, d_vocab\] or \[batch, d_vocab\]"):
+        KLDivergence(torch.zeros(3))
+    assert kl_div is KLDivergence
+
+
+def test_prob_diff_years_hand_values():
+    meta = {"year": torch.tensor([50, 10]), "year_tokens": torch.arange(99, -1, -1)}  # token id v is year 99 - v
+    data = PromptPairs.from_tokens([[0], [0]], [[0], [0]], [0, 0], [1, 1], meta=meta, per_prompt_keys=["year"])
+    logits = torch.zeros(2, 1, 100)
+    # prompt 0, uniform: 49 years above 50 (51..99), 51 at or below -> 0.49 - 0.51
+    # prompt 1: all mass on token id 89 = year 10 (not > 10) -> -1
+    logits[1, 0, 89] = 100.0
+    torch.testing.assert_close(prob_diff_years(logits, data), torch.tensor([-0.02, -1.0]))
+    logits[1, 0, 89], logits[1, 0, 88] = 0.0, 100.0  # year 11 > 10 -> +1
+    torch.testing.assert_close(prob_diff_years(logits, data)[1], torch.tensor(1.0))
+
+
+def test_prob_diff_years_needs_meta(toy):
+    logits, data = toy
+    with pytest.raises(ValueError, match=r"needs data.meta\['year'\].*greater_than"):
+        prob_diff_years(logits, data)
+
+
+def test_logits_shape_errors(toy):
+    logits, data = toy
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, pos, d_vocab\], got \(2, 3\)"):
+        logit_diff(logits[:, 0], data)
+    with pytest.raises(ValueError, match="logits have batch 1 but the data has 2 prompts"):
+        logit_diff(logits[:1], data)
+    with pytest.raises(ValueError, match="token id 2 is outside the logits' vocabulary of 2"):
+        logit_diff(logits[..., :2], data)
+
+
+def test_registry_attributes_and_get_metric():
+    assert set(METRICS) >= {"logit_diff", "answer_prob", "answer_logprob", "prob_diff", "kl_div", "accuracy",
+                            "prob_diff_years"}
+    for name in METRICS:
+        m = get_metric(name)
+        assert isinstance(m.higher_is_better, bool) and isinstance(m.needs_clean, bool)
+        assert m.needs_clean == (name == "kl_div")
+    assert get_metric("logit_diff") is logit_diff
+    fn = lambda logits, data: logits[:, -1, 0]  # noqa: E731
+    assert get_metric(fn) is fn
+
+
+def test_get_metric_unknown_name_suggests():
+    with pytest.raises(ValueError, match=r"Unknown metric 'logit_dif'\. Did you mean 'logit_diff'.*Known metrics: "
+                                         r"accuracy, answer_logprob"):
+        get_metric("logit_dif")
+    with pytest.raises(ValueError, match=r"Unknown metric 'zzz'\. Known metrics"):
+        get_metric("zzz")
+    with pytest.raises(TypeError, match="metric must be a name or a callable"):
+        get_metric(3)
+
+
+def test_normalized_faithfulness_floats_and_tensors():
+    assert normalized_faithfulness(1.5, 2.0, 0.5) == pytest.approx(2 / 3)
+    assert normalized_faithfulness(2.0, 2.0, 0.5) == 1.0
+    assert normalized_faithfulness(0.5, 2.0, 0.5) == 0.0
+    out = normalized_faithfulness(torch.tensor([1.0, 4.0]), 3.0, torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(out, torch.tensor([0.5, 1.5]))
+
+
+def test_normalized_faithfulness_nan_and_single_warning():
+    with pytest.warns(RuntimeWarning, match="clean == ablated"):
+        assert math.isnan(normalized_faithfulness(1.0, 2.0, 2.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = normalized_faithfulness(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 2.0]),
+                                      torch.tensor([0.0, 2.0, 2.0]))
+    assert len(caught) == 1 and "2 of 3 entries" in str(caught[0].message)
+    assert out[0] == 0.5 and out[1:].isnan().all()
+
+
+def test_metrics_on_a_real_model_forward():
+    from edgepatch.models import random_model
+    from edgepatch.tasks import induction
+
+    model = random_model("tiny", model_class="hooked", seed=0)
+    data = induction(model.cfg.d_vocab, n=4, seq_len=5, seed=0).validate(model)
+    with torch.no_grad():
+        clean = model(data.clean)
+        corrupt = model(data.corrupt)
+    for name in METRICS:
+        metric = get_metric(name)
+        if name == "prob_diff_years":
+            continue
+        if metric.needs_clean:
+            metric = metric.prepare(clean)
+        assert metric(corrupt, data).shape == (4,)
+    torch.testing.assert_close(get_metric("kl_div").prepare(clean)(clean, data), torch.zeros(4), atol=1e-6, rtol=0)
