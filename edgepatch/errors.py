@@ -19,7 +19,7 @@ class UnknownNameError(EdgepatchError, KeyError):
 
 def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """`` Did you mean 'a', 'b'?`` for the closest candidates, or an empty string."""
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 

@@ -562,7 +562,7 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
     want = 3 if per_position else 2
     if w.ndim == 3 and not per_position:
         want = 3  # a circuit axis folded into the batch
-    if w.ndim != want:
+    if w.ndim != want or tuple(w.shape[-2:]) != (graph.n_src, graph.n_dest):
         exp = "[slots, n_src, n_dest]" if per_position else "[n_src, n_dest]"
         raise EdgepatchError(
             f"weights has shape {shape_str(w.shape)}; expected {exp} = "

@@ -1,0 +1,451 @@
+"""Edge attribution: attribution patching (EAP), integrated gradients (EAP-IG) and exact patching.
+
+Context
+-------
+Ablating edge ``s->d`` changes what ``d`` reads by ``â_s - o_s``. To first order, the metric changes by
+
+    score_sd = (â_s - o_s) · dMetric/dx_d        (summed over batch and positions)
+
+which is attribution patching (Nanda 2023; Syed et al. 2023). It needs one clean forward and backward
+(capturing the gradient at every destination input) and the ablated values; edgepatch folds the last step
+into the backward: a *probe* at every destination hook accumulates ``(o_s - â_s) · grad`` for all of the
+hook's destinations with one matrix product. Model parameters are frozen meanwhile, so the backward
+computes no weight gradients.
+
+Conventions (DESIGN.md §3.5):
+
+- The objective is the **mean** over prompts of the per-prompt metric, so scores estimate the change of
+  the mean metric.
+- A score estimates ``metric(edge ablated) - metric(edge kept)``: the **negative** of autograd's
+  gradient of the metric w.r.t. the patching weight at ``w = 1`` (see :func:`eap`), and the same sign as
+  exact patching (``metric(all but e) - metric(all)``, DESIGN.md §3.6).
+
+EAP-IG (Hanna et al. 2024) replaces the one gradient by the mean over ``steps`` points of a path from the
+corrupted to the clean run:
+
+- ``variant="inputs"``: interpolate the input embeddings ``â_input + α (o_input - â_input)`` for
+  ``α = 1/steps, 2/steps, ..., 1``; score = ``(â_s - o_s) · mean_α grad_d(α)`` with clean ``o``.
+- ``variant="activations"``: integrated gradients over the patching weights along ``w = α·1``: every
+  destination reads ``â + α (o - â)`` of all its sources, so the path interpolates all activations; score =
+  ``-mean_α dMetric/dw(α)``. Its scores add up (for many steps) to ``metric(corrupted) - metric(clean)``.
+- ``variant="clean-corrupted"``: the mean of the gradients on the clean and on the corrupted run.
+
+With ``steps=1`` the inputs and activations variants equal EAP.
+
+Exact patching evaluates ``metric(all kept but e) - metric(all kept)`` for every edge, many edges per
+forward (an edge axis folded into the batch). It is the reference that the estimates approximate.
+
+Example
+-------
+>>> import edgepatch as ep
+>>> model = ep.random_model("tiny")
+>>> graph = ep.build_graph(model)
+>>> data = ep.tasks.induction(101, n=4, seq_len=4, seed=0)
+>>> scores = attribute(model, graph, data, metric="logit_diff", method="eap", progress=False)
+>>> scores.scores.shape
+torch.Size([11, 27])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from edgepatch.data import PromptPairs
+from edgepatch.errors import EdgepatchError, suggest
+from edgepatch.graph import Graph
+from edgepatch.masks import frozen
+from edgepatch.metrics import get_metric
+from edgepatch.patching import (
+    Ablation,
+    _check_graph,
+    _Engine,
+    _slot,
+    engine_flags,
+    mean_activations,
+    patch,
+    source_activations,
+    zero_ablation,
+)
+from edgepatch.scores import EdgeScores
+
+AblationSpec = "str | Ablation"
+ABLATIONS = ("corrupt", "zero", "mean", "pos_mean")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shared plumbing (also used by acdc, learned masks, sweeps)
+# ------------------------------------------------------------------------------------------------------
+def check_data(model: Any, data: Any) -> PromptPairs:
+    if not isinstance(data, PromptPairs):
+        raise EdgepatchError(
+            f"data must be PromptPairs (e.g. ep.tasks.ioi(tokenizer), or PromptPairs.from_strings(...)); "
+            f"got {type(data).__name__}."
+        )
+    d_vocab = int(getattr(model.cfg, "d_vocab", 0) or 0)
+    if d_vocab > 0:
+        data.validate(d_vocab)
+    return data
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+class AblationSource:
+    """Gives the ablated source values for each batch of prompts (computed once for mean/zero)."""
+
+    def __init__(self, model: Any, graph: Graph, data: PromptPairs, ablation: Any = "corrupt") -> None:
+        self.model, self.graph, self.kind = model, graph, ablation
+        device = model_device(model)
+        self.fixed: Ablation | None = None
+        if isinstance(ablation, Ablation):
+            if ablation.values.shape[1] not in (1, len(data)):
+                raise EdgepatchError(
+                    f"The given Ablation has batch {ablation.values.shape[1]}, but data has {len(data)} prompts; "
+                    f"give one value per prompt or a broadcasting (batch 1) ablation."
+                )
+            self.fixed = ablation.to(device)
+            self.kind = ablation.kind
+        elif ablation == "zero":
+            self.fixed = zero_ablation(graph, device=device, dtype=next(model.parameters()).dtype)
+        elif ablation in ("mean", "pos_mean"):
+            self.fixed = mean_activations(
+                model, graph, data.clean.to(device), attention_mask=data.attention_mask.to(device),
+                per_position=ablation == "pos_mean",
+            )
+        elif ablation != "corrupt":
+            raise EdgepatchError(
+                f"Unknown ablation {ablation!r}; expected one of {ABLATIONS} or an ep.Ablation."
+                f"{suggest(str(ablation), ABLATIONS)}"
+            )
+
+    def __call__(self, batch: PromptPairs, index: slice) -> Ablation:
+        if self.fixed is not None:
+            return self.fixed[index] if self.fixed.values.shape[1] > 1 else self.fixed
+        return source_activations(self.model, self.graph, batch.corrupt)
+
+
+def batches(data: PromptPairs, batch_size: int) -> Iterator[tuple[slice, PromptPairs]]:
+    if batch_size < 1:
+        raise EdgepatchError(f"batch_size must be >= 1; got {batch_size}.")
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, min(start + batch_size, len(data)))
+        yield sl, data[sl]
+
+
+def prepared_metric(model: Any, metric: Any, batch: PromptPairs) -> Callable[[Tensor, PromptPairs], Tensor]:
+    """The metric for one batch; metrics that need the clean run (KL) get its logits here."""
+    m = get_metric(metric)
+    if getattr(m, "needs_clean", False):
+        with torch.no_grad():
+            clean_logits = model(batch.clean)
+        m = m.prepare(clean_logits)
+    return m
+
+
+def metric_name(metric: Any) -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "name", getattr(metric, "__name__", "custom"))
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+@contextlib.contextmanager
+def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff: Tensor | None = None,
+           input_override: Callable[[Tensor], Tensor] | None = None) -> Iterator[_Engine]:
+    """Attribution mode: identity forward; the backward accumulates ``(o - â) · grad`` into ``acc``.
+
+    ``fixed_diff`` (``[n_src, batch, pos, d_model]``) replaces the current forward's ``o - â`` (EAP-IG on
+    inputs uses the clean differences at every interpolation point). ``input_override`` maps the model's
+    input residual to the one used (interpolated embeddings)."""
+    engine = _Engine(model, graph, lambda: torch.ones(graph.n_src, graph.n_dest), ablated, None)
+    engine.probe = acc
+    hooks = engine.hook_list()
+    name0, fn0 = hooks[0]
+
+    def on_input(module: Any, inp: Any, out: Tensor) -> Tensor:
+        x = input_override(out) if input_override is not None else out
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        fn0(module, inp, x)
+        if fixed_diff is not None:
+            engine.buf = fixed_diff
+        return x
+
+    hooks[0] = (name0, on_input)
+    if fixed_diff is not None:  # the clean differences are given: skip recording the current ones
+        hooks = [hooks[0]] + hooks[1 + _n_source_hooks(graph) - 1:]
+    slot = _slot(model)
+    with engine_flags(model):
+        outer = slot.stack[-1] if slot.stack else None
+        if outer is not None:
+            outer.remove()
+        handles = []
+        try:
+            from edgepatch.patching import _hook_point
+
+            for name, fn in hooks:
+                handles.append(_hook_point(model, name).register_forward_hook(fn))
+            yield engine
+        finally:
+            for h in handles:
+                h.remove()
+            engine._reset()
+            if outer is not None:
+                outer.install()
+
+
+def _n_source_hooks(graph: Graph) -> int:
+    spec = graph.spec
+    return 1 + spec.n_layers * (1 if spec.attn_only else 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# EAP
+# ------------------------------------------------------------------------------------------------------
+def eap(
+    model: Any,
+    graph: Graph,
+    data: PromptPairs,
+    metric: Any = "logit_diff",
+    *,
+    ablation: Any = "corrupt",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> EdgeScores:
+    """Edge attribution patching: ``score = (â_s - o_s) · dMetric/dx_d``, one clean forward + backward and
+    one ablated (corrupted) forward per batch.
+
+    The scores equal ``-dMetric/dw`` at ``w = 1`` (autograd through :func:`edgepatch.patch`)."""
+    return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size,
+                       progress=progress, steps=1, variant="inputs", method="eap")
+
+
+def eap_ig(
+    model: Any,
+    graph: Graph,
+    data: PromptPairs,
+    metric: Any = "logit_diff",
+    *,
+    steps: int = 5,
+    variant: str = "inputs",
+    ablation: Any = "corrupt",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> EdgeScores:
+    """EAP with integrated gradients over ``steps`` points (see the module docstring for the variants
+    ``"inputs"``, ``"activations"`` and ``"clean-corrupted"``)."""
+    variants = ("inputs", "activations", "clean-corrupted")
+    if variant not in variants:
+        raise EdgepatchError(f"Unknown EAP-IG variant {variant!r}; expected one of {variants}.{suggest(variant, variants)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise EdgepatchError(f"steps must be a positive integer; got {steps!r}.")
+    return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size, progress=progress,
+                       steps=steps, variant=variant, method=f"eap-ig-{variant}" if variant != "inputs" else "eap-ig")
+
+
+def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, ablation: Any, batch_size: int,
+                progress: bool, steps: int, variant: str, method: str) -> EdgeScores:
+    _check_graph(model, graph)
+    data = check_data(model, data)
+    device = model_device(model)
+    data = data.to(device)
+    eg = graph.engine_graph
+    acc = torch.zeros(eg.n_src, eg.n_dest, device=device, dtype=torch.float32)
+    abl_source = AblationSource(model, graph, data, ablation)
+    n = len(data)
+    t0 = time.perf_counter()
+    points = 2 if variant == "clean-corrupted" else steps
+    bar = progress_bar(math.ceil(n / batch_size) * points, method, progress)
+    with frozen(model):
+        for sl, batch in batches(data, batch_size):
+            abl = abl_source(batch, sl)
+            m = prepared_metric(model, metric, batch)
+            if variant == "activations":
+                w = torch.ones(eg.n_src, eg.n_dest, device=device)
+                for k in range(1, steps + 1):
+                    wk = (w * (k / steps)).requires_grad_(True)
+                    with patch(model, graph, lambda wk=wk: wk, abl):
+                        logits = model(batch.clean)
+                    (m(logits, batch).sum() / (n * steps)).backward()
+                    acc -= wk.grad.detach()  # probe convention: acc holds +grad.D; here -dM/dw ... see below
+                    bar.update(1)
+                continue
+            if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
+                with _probe(model, graph, acc, abl):
+                    logits = model(batch.clean)
+                    (m(logits, batch).sum() / n).backward()
+                bar.update(1)
+                continue
+            # inputs / clean-corrupted: probe with the clean differences o - â
+            clean_diff = source_activations(model, graph, batch.clean).values - abl.values.to(device)
+            if clean_diff.shape[1] != len(batch.clean):
+                clean_diff = clean_diff.expand(-1, len(batch.clean), -1, -1)
+            clean_diff = clean_diff.contiguous()
+            if variant == "clean-corrupted":
+                alphas = [1.0, 0.0]
+            else:
+                alphas = [k / steps for k in range(1, steps + 1)]
+            in_clean = clean_diff[0] + abl.values[0].to(device)  # clean input residual
+            in_abl = abl.values[0].to(device).expand_as(in_clean)
+            for alpha in alphas:
+                target = (in_clean if alpha == 1.0 else in_abl + alpha * (in_clean - in_abl)).detach()
+                override = (lambda x, t=target: t.clone().requires_grad_(True))
+                with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override):
+                    logits = model(batch.clean)
+                    (m(logits, batch).sum() / (n * len(alphas))).backward()
+                bar.update(1)
+    bar.close()
+    # acc accumulated +grad·(o - â) = dM/dw; scores estimate the effect of ablating: -dM/dw.
+    # (The activations branch subtracted its gradients, so negate only the probe's sum.)
+    scores = -acc if variant != "activations" else acc
+    info = {"steps": steps, "variant": variant, "ablation": str(abl_source.kind), "n_prompts": n,
+            "seconds": time.perf_counter() - t0, "score_kind": "ablation_effect"}
+    return EdgeScores(_to_graph(graph, scores), graph, method=method, metric=metric_name(metric), info=info)
+
+
+def _to_graph(graph: Graph, edge_scores: Tensor) -> Tensor:
+    """Edge-level scores -> the graph's level (node graphs: sum over each source's edges)."""
+    if graph.level == "edge":
+        return edge_scores
+    return edge_scores.nan_to_num(0).sum(1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Exact patching
+# ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def exact_patching(
+    model: Any,
+    graph: Graph,
+    data: PromptPairs,
+    metric: Any = "logit_diff",
+    *,
+    ablation: Any = "corrupt",
+    batch_size: int = 32,
+    edges_per_forward: int | None = None,
+    memory_budget_mb: float = 1024,
+    edges: Tensor | None = None,
+    progress: bool = True,
+) -> EdgeScores:
+    """The true effect of ablating each edge alone: ``metric(all kept but e) - metric(all kept)``
+    (DESIGN.md §3.6), many edges per forward.
+
+    ``edges``: optional bool ``[n_src, n_dest]`` mask restricting which edges are evaluated (others NaN).
+    ``edges_per_forward``: edges folded into one forward (default: from ``memory_budget_mb``)."""
+    _check_graph(model, graph)
+    data = check_data(model, data).to(model_device(model))
+    device = model_device(model)
+    g = graph
+    todo = g.valid.clone() if edges is None else (edges.bool().cpu() & g.valid)
+    idx = todo.nonzero()  # [E, 2] (for node graphs: [n_src, 1] sources)
+    n = len(data)
+    if edges_per_forward is None:
+        spec = g.spec
+        per_row = (g.engine_graph.n_src + 4 * spec.n_layers) * data.clean.shape[1] * spec.d_model * 4 * 3
+        edges_per_forward = max(1, int(memory_budget_mb * 2**20 // max(per_row * min(batch_size, n), 1)))
+    abl_source = AblationSource(model, graph, data, ablation)
+    effects = torch.zeros(len(idx), dtype=torch.float64)
+    t0 = time.perf_counter()
+    n_forwards = 0
+    bar = progress_bar(math.ceil(n / batch_size) * math.ceil(len(idx) / edges_per_forward), "exact", progress)
+    for sl, batch in batches(data, batch_size):
+        abl = abl_source(batch, sl)
+        m = prepared_metric(model, metric, batch)
+        base = m(model(batch.clean), batch).double()  # all kept == the clean forward (invariant 1)
+        for start in range(0, len(idx), edges_per_forward):
+            chunk = idx[start : start + edges_per_forward]
+            c = len(chunk)
+            W = torch.ones(c, g.n_src, g.n_dest)
+            W[torch.arange(c), chunk[:, 0], chunk[:, 1]] = 0
+            with patch(model, graph, W.to(device), abl):
+                logits = model(batch.clean.repeat(c, 1))
+            n_forwards += 1
+            vals = m(logits, _repeat(batch, c)).double().view(c, len(batch.clean))
+            effects[start : start + c] += (vals - base).sum(1).cpu() / n
+            bar.update(1)
+    bar.close()
+    scores = torch.full((g.n_src, g.n_dest), float("nan"))
+    scores[idx[:, 0], idx[:, 1]] = effects.float()
+    info = {"ablation": str(abl_source.kind), "n_prompts": n, "forwards": n_forwards,
+            "edges_per_forward": edges_per_forward, "seconds": time.perf_counter() - t0,
+            "score_kind": "ablation_effect"}
+    return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info)
+
+
+def _repeat(batch: PromptPairs, c: int) -> PromptPairs:
+    """The batch repeated ``c`` times (circuit-major), matching ``tokens.repeat(c, 1)``."""
+    if c == 1:
+        return batch
+    index = torch.arange(len(batch.clean)).repeat(c)
+    return batch[index]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The dispatcher
+# ------------------------------------------------------------------------------------------------------
+def _methods() -> dict[str, Callable[..., EdgeScores]]:
+    methods: dict[str, Callable[..., EdgeScores]] = {
+        "eap": eap,
+        "eap-ig": eap_ig,
+        "eap-ig-inputs": lambda *a, **k: eap_ig(*a, variant="inputs", **k),
+        "eap-ig-activations": lambda *a, **k: eap_ig(*a, variant="activations", **k),
+        "clean-corrupted": lambda *a, **k: eap_ig(*a, variant="clean-corrupted", **k),
+        "exact": exact_patching,
+    }
+    try:
+        from edgepatch.acdc import acdc
+
+        methods["acdc"] = acdc
+    except ImportError:  # pragma: no cover - module optional during development
+        pass
+    try:
+        from edgepatch.learned import learn_masks
+
+        methods["learned"] = learn_masks
+        methods["edge-pruning"] = lambda *a, **k: learn_masks(*a, **{"mask_fn": "hard_concrete", **k})
+        methods["subnetwork-probing"] = lambda *a, **k: learn_masks(*a, **{"mask_fn": "sigmoid", **k})
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from edgepatch.baselines import activation_magnitude, random_scores
+
+        methods["random"] = lambda model, graph, data, metric=None, **k: random_scores(
+            graph, **{key: v for key, v in k.items() if key in ("seed",)})
+        methods["activation-magnitude"] = activation_magnitude
+    except ImportError:  # pragma: no cover
+        pass
+    return methods
+
+
+def attribute(
+    model: Any,
+    graph: Graph,
+    data: PromptPairs,
+    metric: Any = "logit_diff",
+    method: str = "eap",
+    **options: Any,
+) -> EdgeScores:
+    """Score every edge with ``method``: ``"eap"``, ``"eap-ig"`` (``steps=``, ``variant=``),
+    ``"eap-ig-activations"``, ``"clean-corrupted"``, ``"exact"``, ``"acdc"``, ``"learned"`` /
+    ``"edge-pruning"`` / ``"subnetwork-probing"``, ``"random"``, ``"activation-magnitude"``.
+
+    ``metric``: a name (``"logit_diff"``, ``"kl"``, ...) or a callable ``(logits, data) -> [batch]``.
+    ``options`` go to the method (``ablation=``, ``batch_size=``, ``progress=``, ...)."""
+    methods = _methods()
+    key = method.lower().replace("_", "-")
+    if key not in methods:
+        raise EdgepatchError(
+            f"Unknown method {method!r}; expected one of {sorted(methods)}.{suggest(key, methods)}"
+        )
+    return methods[key](model, graph, data, metric, **options)

@@ -1,0 +1,74 @@
+"""Shared fixtures: small random models of several shapes in both TransformerLens model classes."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+MODEL_CASES = [
+    ("tiny", "hooked"),
+    ("tiny", "bridge"),
+    ("tiny-parallel", "hooked"),
+    ("tiny-parallel", "bridge"),
+    ("tiny-gqa", "hooked"),
+    ("tiny-gqa", "bridge"),
+    ("tiny-attn-only", "hooked"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(preset: str, model_class: str):
+    """A shared model for read-only tests (every test that mutates state builds its own)."""
+    from edgepatch.models import random_model
+
+    return random_model(preset, model_class=model_class, seed=0)
+
+
+def model_id(case) -> str:
+    return f"{case[0]}-{case[1]}"
+
+
+@pytest.fixture(params=MODEL_CASES, ids=model_id)
+def any_model(request):
+    return cached_model(*request.param)
+
+
+@pytest.fixture(params=["hooked", "bridge"])
+def fresh_model(request):
+    """A new tiny model per test, for tests that check the model comes out unchanged."""
+    from edgepatch.models import random_model
+
+    return random_model("tiny", model_class=request.param, seed=1)
+
+
+def model_snapshot(model) -> dict:
+    """Everything a context manager must restore: hooks, flags, classes, parameter ids/values/flags, modes."""
+    import torch.nn.modules.module as mm
+
+    snap = {}
+    snap["hooks"] = {
+        name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+               len(getattr(m, "fwd_hooks", []) or []), len(getattr(m, "bwd_hooks", []) or []))
+        for name, m in model.named_modules()
+    }
+    snap["global_hooks"] = (len(mm._global_forward_hooks), len(mm._global_forward_pre_hooks))
+    snap["cfg"] = {k: v for k, v in vars(model.cfg).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    snap["classes"] = {name: type(m) for name, m in model.named_modules()}
+    snap["training"] = {name: m.training for name, m in model.named_modules()}
+    snap["params"] = {n: (id(p), p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()}
+    snap["values"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return snap
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = model_snapshot(model)
+    for key in ("hooks", "global_hooks", "cfg", "classes", "training", "params"):
+        assert after[key] == before[key], f"model {key} changed"
+    for n, v in before["values"].items():
+        assert torch.equal(after["values"][n], v), f"parameter {n} changed"

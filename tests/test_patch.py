@@ -1,0 +1,519 @@
+"""The patching engine against an independent, slow reference and the invariants of DESIGN.md §3."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import edgepatch as ep
+from edgepatch.errors import EdgepatchError
+from edgepatch.masks import EdgeMasks, mask_fn, train_masks
+
+from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot
+
+ATOL = 1e-4
+
+
+def tokens(model, batch=3, pos=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=gen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference: one destination and one source at a time, with TransformerLens's own hook API
+# ---------------------------------------------------------------------------------------------------
+def src_layer(name: str) -> tuple[int, str]:
+    if name == "input":
+        return -1, "input"
+    m = re.fullmatch(r"a(\d+)\.h(\d+)", name)
+    if m:
+        return int(m.group(1)), "attn"
+    return int(name[1:]), "mlp"
+
+
+def reference_edge_exists(model, src: str, dest: str) -> bool:
+    """The rule of DESIGN.md §1, written independently of edgepatch.graph."""
+    layer, kind = src_layer(src)
+    if dest == "logits":
+        return True
+    if dest.startswith("m"):
+        d_layer = int(dest[1:])
+        parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+        return layer < d_layer or (layer == d_layer and kind == "attn" and not parallel)
+    d_layer = int(re.match(r"a(\d+)", dest).group(1))
+    return layer < d_layer
+
+
+def head_out(model, layer, z):
+    """Per-head outputs by an explicit loop over heads (the engine uses one einsum)."""
+    W_O = model.blocks[layer].attn.W_O
+    n_heads, d_head = W_O.shape[0], W_O.shape[1]
+    z = z.reshape(*z.shape[:2], n_heads, d_head)
+    return {f"a{layer}.h{h}": z[:, :, h, :] @ W_O[h] for h in range(n_heads)}
+
+
+def record_sources(model, toks):
+    """Source outputs of a plain run, by name."""
+    out = {}
+    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: out.__setitem__("input", x.detach().clone()))]
+    for layer in range(model.cfg.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: out.update(
+            {k: v.detach().clone() for k, v in head_out(model, layer, z).items()})))
+        if not getattr(model.cfg, "attn_only", False):
+            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, layer=layer: out.__setitem__(f"m{layer}", x.detach().clone())))
+    with model.hooks(fwd_hooks=hooks):
+        model(toks)
+    return out
+
+
+def reference_patched(model, graph, W, clean, corrupt):
+    """x_d = r_d - sum_s (1 - w_sd)(o_s - â_s), one destination and one source at a time."""
+    abl = record_sources(model, corrupt)
+    cur: dict = {}
+    n_heads = model.cfg.n_heads
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+    split = graph.split_qkv
+
+    def fix(x, dest):
+        d = graph.dest_names.index(dest)
+        for s_name in graph.src_names:
+            if not reference_edge_exists(model, s_name, dest):
+                continue
+            s = graph.src_names.index(s_name)
+            x = x - (1 - W[s, d]) * (cur[s_name] - abl[s_name])
+        return x
+
+    def dest_name(layer, kind, j):
+        if kind == "q" or n_kv == n_heads:
+            return f"a{layer}.h{j}<{kind}>" if split else f"a{layer}.h{j}"
+        return f"a{layer}.kv{j}<{kind}>" if split else f"a{layer}.kv{j}"
+
+    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: cur.__setitem__("input", x))]
+    for layer in range(model.cfg.n_layers):
+        for kind in "qkv":
+            def qkv_hook(x, hook, layer=layer, kind=kind):
+                return torch.stack([fix(x[:, :, j], dest_name(layer, kind, j)) for j in range(x.shape[2])], dim=2)
+            hooks.append((f"blocks.{layer}.hook_{kind}_input", qkv_hook))
+        hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: cur.update(head_out(model, layer, z))))
+        if not getattr(model.cfg, "attn_only", False):
+            hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fix(x, f"m{layer}")))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, layer=layer: cur.__setitem__(f"m{layer}", x)))
+    last = model.cfg.n_layers - 1
+    hooks.append((f"blocks.{last}.hook_resid_post", lambda x, hook: fix(x, "logits")))
+    saved = (model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
+    model.set_use_split_qkv_input(True)
+    if not getattr(model.cfg, "attn_only", False):
+        model.set_use_hook_mlp_in(True)
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            return model(clean)
+    finally:
+        model.set_use_split_qkv_input(saved[0])
+        if not getattr(model.cfg, "attn_only", False):
+            model.set_use_hook_mlp_in(saved[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph structure
+# ---------------------------------------------------------------------------------------------------
+def test_gpt2_small_counts():
+    spec = ep.graph.ModelSpec("gpt2", 12, 12, 12, 768, 64, 50257, False, False)
+    split = ep.graph.graph_from_spec(spec, split_qkv=True)
+    joint = ep.graph.graph_from_spec(spec, split_qkv=False)
+    assert (split.n_src, split.n_dest, split.n_edges) == (157, 445, 32491)
+    assert (joint.n_src, joint.n_dest, joint.n_edges) == (157, 157, 11611)
+    node = ep.graph.graph_from_spec(spec, level="node")
+    assert (node.n_src, node.n_dest, len(node.edge_names)) == (157, 1, 157)
+    assert repr(split) == "Graph(gpt2, 157 src x 445 dest, 32,491 edges)"
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+@pytest.mark.parametrize("split", [True, False])
+def test_validity_matches_reference_rule(case, split):
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    for s, src in enumerate(g.src_names):
+        for d, dest in enumerate(g.dest_names):
+            assert bool(g.valid[s, d]) == reference_edge_exists(model, src, dest), (src, dest)
+    # names <-> indices round trip
+    for i in range(0, g.n_edges, 7):
+        assert g.edge(g.edge_names[i]) == tuple(g.edge_index[i].tolist())
+
+
+def test_parallel_and_gqa_names():
+    par = ep.build_graph(cached_model("tiny-parallel", "hooked"))
+    assert par.valid[par.src_index("a1.h0"), par.dest_index("m1")].item() is False
+    seq = ep.build_graph(cached_model("tiny", "hooked"))
+    assert seq.valid[seq.src_index("a1.h0"), seq.dest_index("m1")].item() is True
+    gqa = ep.build_graph(cached_model("tiny-gqa", "bridge"))
+    assert "a0.kv1<k>" in gqa.dest_names and "a0.h5<q>" in gqa.dest_names and "a0.h5<k>" not in gqa.dest_names
+    assert gqa.n_dest == 2 * (6 + 2 + 2 + 1) + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invariants 1-4
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [True, False])
+def test_all_ones_is_clean_and_all_zeros_is_corrupt(any_model, split):
+    model = any_model
+    g = ep.build_graph(model, split_qkv=split)
+    clean, corrupt = tokens(model, seed=1), tokens(model, seed=2)
+    with torch.no_grad():
+        lc, lx = model(clean), model(corrupt)
+        abl = ep.source_activations(model, g, corrupt)
+        with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
+            l1 = model(clean)
+        with ep.patch(model, g, torch.zeros(g.n_src, g.n_dest), abl):
+            l0 = model(clean)
+    assert (l1 - lc).abs().max() <= 1e-5
+    assert (l0 - lx).abs().max() <= 1e-4
+    assert (lc - lx).abs().max() > 1e-3  # the check is not vacuous
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_random_weights_match_reference(any_model, split):
+    model = any_model
+    g = ep.build_graph(model, split_qkv=split)
+    clean, corrupt = tokens(model, seed=3), tokens(model, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    for kind in ("uniform", "subset"):
+        W = torch.rand(g.n_src, g.n_dest, generator=gen)
+        if kind == "subset":
+            W = (W < 0.5).float()
+        with torch.no_grad():
+            abl = ep.source_activations(model, g, corrupt)
+            with ep.patch(model, g, W, abl):
+                got = model(clean)
+            want = reference_patched(model, g, W, clean, corrupt)
+            plain = model(clean)
+        assert (got - want).abs().max() <= ATOL
+        assert (want - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_node_patching_equals_replacing_the_source(case):
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, seed=6), tokens(model, seed=7)
+    srcs = ["input", "a0.h1", "a1.h0"] + ([] if getattr(model.cfg, "attn_only", False) else ["m0"])
+    with torch.no_grad():
+        abl = ep.source_activations(model, g, corrupt)
+        cache = {}
+        with model.hooks(fwd_hooks=[(n, lambda x, hook, n=n: cache.__setitem__(n, x.clone()))
+                                    for n in ("blocks.0.hook_resid_pre", "blocks.0.attn.hook_z",
+                                              "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out")]):
+            model(corrupt)
+        for src in srcs:
+            W = torch.ones(g.n_src, g.n_dest)
+            W[g.src_index(src)] = 0
+            with ep.patch(model, g, W, abl):
+                got = model(clean)
+            layer, kind = src_layer(src)
+            if kind == "input":
+                hook = ("blocks.0.hook_resid_pre", lambda x, hook: cache["blocks.0.hook_resid_pre"])
+            elif kind == "mlp":
+                hook = (f"blocks.{layer}.hook_mlp_out", lambda x, hook: cache[f"blocks.{layer}.hook_mlp_out"])
+            else:
+                h = int(src.split(".h")[1])
+                name = f"blocks.{layer}.attn.hook_z"
+
+                def hook_fn(z, hook, h=h, name=name):
+                    n_heads = model.cfg.n_heads
+                    zz = z.reshape(*z.shape[:2], n_heads, -1).clone()
+                    zz[:, :, h] = cache[name].reshape(*z.shape[:2], n_heads, -1)[:, :, h]
+                    return zz.reshape(z.shape)
+
+                hook = (name, hook_fn)
+            with model.hooks(fwd_hooks=[hook]):
+                want = model(clean)
+            assert (got - want).abs().max() <= ATOL, src
+        # node-level graph: the same through one weight per source
+        node = ep.build_graph(model, level="node")
+        w = torch.ones(node.n_src)
+        w[node.src_index("a0.h1")] = 0
+        with ep.patch(model, node, w, abl):
+            got_node = model(clean)
+        W = torch.ones(g.n_src, g.n_dest)
+        W[g.src_index("a0.h1")] = 0
+        with ep.patch(model, g, W, abl):
+            got_edge = model(clean)
+    assert (got_node - got_edge).abs().max() <= 1e-6
+
+
+def test_head_outputs_sum_to_attention_output(any_model):
+    model = any_model
+    cache = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=[
+        ("blocks.0.attn.hook_z", lambda x, hook: cache.__setitem__("z", x)),
+        ("blocks.0.hook_attn_out", lambda x, hook: cache.__setitem__("out", x)),
+    ]):
+        model(tokens(model))
+    heads = head_out(model, 0, cache["z"])
+    b_O = getattr(model.blocks[0].attn, "b_O", None)
+    total = sum(heads.values()) + (0 if b_O is None else b_O)
+    assert (total - cache["out"]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights as names, ablations, per-position weights, circuits in the batch, gradients
+# ---------------------------------------------------------------------------------------------------
+def test_edge_names_as_weights():
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    keep = ["input->a0.h0<q>", "a0.h1->m1", "m1->logits"]
+    clean, corrupt = tokens(model), tokens(model, seed=9)
+    W = g.mask_from_edges(keep).float()
+    assert W.sum() == 3
+    abl = ep.source_activations(model, g, corrupt)
+    with torch.no_grad():
+        with ep.patch(model, g, keep, abl):
+            a = model(clean)
+        with ep.patch(model, g, W, abl):
+            b = model(clean)
+    assert torch.equal(a, b)
+    assert g.edges_from_mask(W.bool()) == sorted(keep, key=g.edge_names.index)
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_zero_and_mean_ablation(model_class):
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    clean = tokens(model)
+    W = (torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    ref_toks = tokens(model, batch=5, seed=11)
+    mask = torch.ones(ref_toks.shape, dtype=torch.bool)
+    mask[0, 4:] = False  # padding is excluded from the mean
+    with torch.no_grad():
+        acts = ep.source_activations(model, g, ref_toks).values  # [n_src, 5, pos, d]
+        mean = ep.mean_activations(model, g, ref_toks, attention_mask=mask)
+        want = (acts * mask[None, :, :, None]).sum((1, 2)) / mask.sum()
+        assert torch.allclose(mean.values[:, 0, 0], want, atol=1e-5)
+        pos_mean = ep.mean_activations(model, g, ref_toks, per_position=True)
+        assert torch.allclose(pos_mean.values[:, 0], acts.mean(1), atol=1e-5)
+        for abl in (ep.zero_ablation(g), mean, pos_mean):
+            # the reference with broadcast ablation: all-zero weights == every source replaced by â
+            with ep.patch(model, g, W, abl):
+                got = model(clean)
+            full = abl.values.expand(-1, clean.shape[0], clean.shape[1], -1)
+            want = _reference_with_values(model, g, W, clean, full)
+            assert (got - want).abs().max() <= ATOL
+
+
+def _reference_with_values(model, g, W, clean, values):
+    """reference_patched, with ablated values given instead of a corrupted run."""
+    original = record_sources
+    try:
+        globals()["record_sources"] = lambda m, t: {n: values[i] for i, n in enumerate(g.src_names)}
+        return reference_patched(model, g, W, clean, None)
+    finally:
+        globals()["record_sources"] = original
+
+
+def test_per_position_weights():
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=2, pos=5), tokens(model, batch=2, pos=5, seed=3)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(1)
+    Wp = torch.rand(5, g.n_src, g.n_dest, generator=gen)
+    with torch.no_grad():
+        with ep.patch(model, g, Wp, abl, positions="absolute"):
+            got = model(clean)
+        # position p only sees weights Wp[p]: compare each position with a uniform-weight run
+        for p in range(5):
+            with ep.patch(model, g, Wp[p], abl):
+                want_p = model(clean)[:, p]
+            # causal: position p's logits depend on weights at positions <= p, so use equal weights below p
+            Wq = Wp.clone()
+            Wq[: p + 1] = Wp[p]
+            with ep.patch(model, g, Wq, abl, positions="absolute"):
+                got_p = model(clean)[:, p]
+            assert (got_p - want_p).abs().max() <= ATOL
+        # slot tensors: two named slots, -1 leaves a token clean
+        slots = torch.tensor([[0, 0, 1, 1, -1], [0, 1, 1, -1, -1]])
+        Ws = torch.stack([torch.zeros(g.n_src, g.n_dest), torch.ones(g.n_src, g.n_dest)])
+        with ep.patch(model, g, Ws, abl, positions=slots):
+            got_s = model(clean)
+        with ep.patch(model, g, torch.zeros(g.n_src, g.n_dest), abl):
+            all_abl = model(clean)
+    assert (got_s[:, 0] - all_abl[:, 0]).abs().max() <= ATOL  # both prompts' position 0 use slot 0 (ablated)
+    assert got.shape == (2, 5, model.cfg.d_vocab)
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_circuits_folded_into_batch(model_class):
+    model = cached_model("tiny-gqa", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model), tokens(model, seed=8)
+    abl = ep.source_activations(model, g, corrupt)
+    W = torch.rand(4, g.n_src, g.n_dest, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with ep.patch(model, g, W, abl):
+            got = model(clean.repeat(4, 1)).view(4, *clean.shape, -1)
+        for c in range(4):
+            with ep.patch(model, g, W[c], abl):
+                assert (got[c] - model(clean)).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_gradient_matches_finite_differences(model_class):
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=2), tokens(model, batch=2, seed=5)
+    abl = ep.source_activations(model, g, corrupt)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float()
+    Wg = W.clone().requires_grad_(True)
+    with ep.patch(model, g, Wg, abl):
+        out = model(clean)[:, -1, :5].sum()
+    out.backward()
+    for s, d in g.edge_index[torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(4))[:5]].tolist():
+        vals = []
+        for delta in (-1e-2, 1e-2):
+            Wd = W.clone()
+            Wd[s, d] += delta
+            with torch.no_grad(), ep.patch(model, g, Wd.clamp(0, 1), abl):
+                vals.append(model(clean)[:, -1, :5].sum())
+        step = float((W[s, d] + 1e-2).clamp(max=1) - (W[s, d] - 1e-2).clamp(min=0))
+        fd = (vals[1] - vals[0]) / step
+        assert abs(fd - Wg.grad[s, d]) <= 2e-3 + 2e-2 * abs(fd), (s, d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invariant 7: every context restores the model, also after an exception, and nests
+# ---------------------------------------------------------------------------------------------------
+def test_patch_restores_model_and_nests(fresh_model):
+    model = fresh_model
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model), tokens(model, seed=2)
+    abl = ep.source_activations(model, g, corrupt)
+    before = model_snapshot(model)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(clean)
+        with ep.patch(model, g, W, abl):
+            outer = model(clean)
+            with ep.patch(model, g, torch.zeros(g.n_src, g.n_dest), abl):
+                inner = model(clean)
+                with pytest.raises(RuntimeError, match="boom"):
+                    with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
+                        raise RuntimeError("boom")
+                assert torch.allclose(model(clean), inner)  # inner is active again after the failed one
+            assert torch.allclose(model(clean), outer)  # outer is restored after inner exits
+        assert torch.allclose(model(clean), plain)
+    assert_unchanged(model, before)
+    assert torch.allclose(inner, model(corrupt), atol=1e-4)
+
+
+def test_flags_restored_when_user_set_them():
+    model = ep.random_model("tiny", model_class="hooked", seed=2)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(False)
+    g = ep.build_graph(model)
+    abl = ep.zero_ablation(g)
+    with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
+        assert model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
+    assert model.cfg.use_split_qkv_input is True and model.cfg.use_hook_mlp_in is False
+
+
+def test_train_masks_and_mask_fn_restore_and_nest(fresh_model):
+    model = fresh_model
+    g = ep.build_graph(model)
+    clean = tokens(model)
+    abl = ep.source_activations(model, g, tokens(model, seed=3))
+    before = model_snapshot(model)
+    with train_masks(model, g, abl, mask_fn="sigmoid", init=0.9) as masks:
+        assert all(not p.requires_grad for p in model.parameters())
+        opt = torch.optim.Adam(masks.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(clean)[:, -1].logsumexp(-1).mean() + 1e-2 * masks.penalty()
+            loss.backward()
+            opt.step()
+        assert masks.logits.grad is not None and masks.logits.grad.abs().sum() > 0
+        with mask_fn("hard_concrete", masks=masks, beta=0.5) as f:
+            assert masks.function is f
+            with mask_fn("identity", masks=masks):
+                assert masks.function.name == "identity"
+            assert masks.function is f
+        assert masks.function.name == "sigmoid"
+        with pytest.raises(ValueError, match="inside"):
+            with train_masks(model, g, abl, mask_fn="continuous", temperature=2.0):
+                raise ValueError("inside")
+        assert all(not p.requires_grad for p in model.parameters())  # the outer mode still holds
+    assert all(p.grad is None for p in model.parameters())
+    assert_unchanged(model, before)
+
+
+def test_mask_functions():
+    p = torch.tensor([-3.0, 0.0, 3.0])
+    from edgepatch.masks import ContinuousSparsification, HardConcrete, Sigmoid, make_mask_fn
+
+    assert torch.allclose(Sigmoid()(p, True), torch.sigmoid(p))
+    hc = HardConcrete()
+    eval_w = hc(p, training=False)
+    assert eval_w[0] == 0 and eval_w[2] == 1  # stretched and clamped
+    torch.manual_seed(0)
+    samples = torch.stack([hc(p, training=True) for _ in range(200)])
+    assert ((samples == 0) | (samples == 1)).float().mean() > 0.3  # hard-concrete puts mass at 0 and 1
+    cs = ContinuousSparsification(temperature=1.0)
+    assert torch.equal(cs(p, training=False), torch.tensor([0.0, 0.0, 1.0]))
+    cs.temperature = 200.0
+    assert torch.allclose(cs(torch.tensor([-0.1, 0.1]), True), torch.tensor([0.0, 1.0]), atol=1e-6)
+    assert abs(ContinuousSparsification.schedule(89, 90, 200.0) - 200.0) < 1e-9
+    assert ContinuousSparsification.schedule(0, 90, 200.0) == 1.0
+    for name in ("sigmoid", "hard_concrete", "continuous"):
+        f = make_mask_fn(name)
+        assert abs(float(f(torch.tensor(f.init_value(0.8)), training=False)) - 0.8) < 1e-3 or name == "continuous"
+    with pytest.raises(ValueError, match=r"Unknown mask function 'sigmod'.*Did you mean 'sigmoid'"):
+        make_mask_fn("sigmod")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: clear messages, model unchanged afterwards
+# ---------------------------------------------------------------------------------------------------
+def test_errors_leave_model_unchanged(fresh_model):
+    model = fresh_model
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model), tokens(model, seed=1)
+    abl = ep.source_activations(model, g, corrupt)
+    before = model_snapshot(model)
+
+    with pytest.raises(ep.UnknownNameError, match=r"Unknown destination 'm9' in Graph\(random-tiny, 11 src x 27 dest, 110 edges\). Did you mean 'm1', 'm0'"):
+        with ep.patch(model, g, ["a0.h1->m9"], abl):
+            pass
+    with pytest.raises(ep.UnknownNameError, match=r"Unknown source 'a0.h7' in Graph\(random-tiny.*Did you mean 'a0.h3', 'a0.h2', 'a0.h1'\? Sources are named 'input'"):
+        g.edge("a0.h7->m1")
+    with pytest.raises(ep.UnknownNameError, match=r"There is no edge 'm1->a0.h0<q>'"):
+        g.edge("m1->a0.h0<q>")
+    with pytest.raises(EdgepatchError, match=r"weights has shape \[3, 4\]; expected \[n_src, n_dest\] = \[11, 27\]"):
+        with ep.patch(model, g, torch.ones(3, 4), abl):
+            pass
+    W = torch.ones(g.n_src, g.n_dest)
+    W[0, 0] = float("nan")
+    with pytest.raises(EdgepatchError, match=r"weights contain 1 NaN value\(s\) \(first at 'input->a0.h0<q>'\)"):
+        with ep.patch(model, g, W, abl):
+            pass
+    with pytest.raises(EdgepatchError, match=r"weights must lie in \[0, 1\]"):
+        with ep.patch(model, g, 2 * torch.ones(g.n_src, g.n_dest), abl):
+            pass
+    with pytest.raises(EdgepatchError, match=r"ablated activations have batch x pos = 3 x 6.*tokens of shape \[3, 7\]"):
+        with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
+            model(tokens(model, pos=7))
+    with pytest.raises(EdgepatchError, match=r"edgepatch needs a TransformerLens HookedTransformer or TransformerBridge; got an object of type torch.nn.modules.linear.Linear"):
+        ep.build_graph(torch.nn.Linear(2, 2))
+    other = cached_model("tiny-3l", "hooked")
+    g_other = ep.build_graph(other)
+    with pytest.raises(EdgepatchError, match=r"graph was built for random-tiny-3l \(3 layers x 3 heads, d_model 24\).*Build the graph from this model"):
+        with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
+            with ep.patch(model, g_other, torch.ones(g_other.n_src, g_other.n_dest), ep.zero_ablation(g_other)):
+                pass
+    with pytest.raises(EdgepatchError, match=r"weights is a single string 'a0.h1->m1'; pass a list"):
+        with ep.patch(model, g, "a0.h1->m1", abl):
+            pass
+    with pytest.raises(EdgepatchError, match=r"tokens must be token ids"):
+        ep.source_activations(model, g, torch.rand(2, 3))
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(clean), model(clean))
