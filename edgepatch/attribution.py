@@ -140,13 +140,16 @@ def batches(data: PromptPairs, batch_size: int) -> Iterator[tuple[slice, PromptP
         yield sl, data[sl]
 
 
-def prepared_metric(model: Any, metric: Any, batch: PromptPairs) -> Callable[[Tensor, PromptPairs], Tensor]:
-    """The metric for one batch; metrics that need the clean run (KL) get its logits here."""
+def prepared_metric(model: Any, metric: Any, batch: PromptPairs, clean_logits: Tensor | None = None,
+                    repeat: int = 1) -> Callable[[Tensor, PromptPairs], Tensor]:
+    """The metric for one batch; metrics that need the clean run (KL) get its logits here (repeated
+    ``repeat`` times when circuits are folded into the batch)."""
     m = get_metric(metric)
     if getattr(m, "needs_clean", False):
-        with torch.no_grad():
-            clean_logits = model(batch.clean)
-        m = m.prepare(clean_logits)
+        if clean_logits is None:
+            with torch.no_grad():
+                clean_logits = model(batch.clean)
+        m = m.prepare(clean_logits.detach().repeat(repeat, *([1] * (clean_logits.ndim - 1))))
     return m
 
 
@@ -361,17 +364,21 @@ def exact_patching(
     bar = progress_bar(math.ceil(n / batch_size) * math.ceil(len(idx) / edges_per_forward), "exact", progress)
     for sl, batch in batches(data, batch_size):
         abl = abl_source(batch, sl)
-        m = prepared_metric(model, metric, batch)
-        base = m(model(batch.clean), batch).double()  # all kept == the clean forward (invariant 1)
+        clean_logits = model(batch.clean)
+        m = prepared_metric(model, metric, batch, clean_logits)
+        base = m(clean_logits, batch).double()  # all kept == the clean forward (invariant 1)
+        folded: dict[int, Any] = {}
         for start in range(0, len(idx), edges_per_forward):
             chunk = idx[start : start + edges_per_forward]
             c = len(chunk)
+            if c not in folded:
+                folded[c] = prepared_metric(model, metric, batch, clean_logits, repeat=c)
             W = torch.ones(c, g.n_src, g.n_dest)
             W[torch.arange(c), chunk[:, 0], chunk[:, 1]] = 0
             with patch(model, graph, W.to(device), abl):
                 logits = model(batch.clean.repeat(c, 1))
             n_forwards += 1
-            vals = m(logits, _repeat(batch, c)).double().view(c, len(batch.clean))
+            vals = folded[c](logits, _repeat(batch, c)).double().view(c, len(batch.clean))
             effects[start : start + c] += (vals - base).sum(1).cpu() / n
             bar.update(1)
     bar.close()

@@ -198,6 +198,7 @@ class _ModelSlot:
     def __init__(self) -> None:
         self.depth = 0
         self.saved_flags: dict[str, Any] = {}
+        self.saved_bridge: dict[int, Any] = {}
         self.stack: list["_Engine"] = []
 
 
@@ -238,6 +239,7 @@ def engine_flags(model: Any) -> Iterator[None]:
             _restore_flags(model, saved)
             raise
         slot.saved_flags = saved
+        slot.saved_bridge = _bridge_capture_state(model)
     slot.depth += 1
     try:
         yield
@@ -245,6 +247,28 @@ def engine_flags(model: Any) -> Iterator[None]:
         slot.depth -= 1
         if slot.depth == 0:
             _restore_flags(model, slot.saved_flags)
+            _restore_bridge_capture_state(model, slot.saved_bridge)
+
+
+def _bridge_capture_state(model: Any) -> dict[int, tuple[Any, bool, Any]]:
+    """TransformerBridge blocks wire forward pre-hooks lazily once split q/k/v inputs are on (and keep a
+    reference to the last residual): remember which were unwired so that exit can undo exactly that."""
+    state = {}
+    for module in model.modules():
+        if hasattr(module, "_teardown_capture_hooks") and hasattr(module, "_capture_hooks_wired"):
+            attn = getattr(module, "submodules", {}).get("attn") if getattr(module, "submodules", None) else None
+            state[id(module)] = (module, bool(module._capture_hooks_wired),
+                                 getattr(attn, "_captured_pre_ln_residual", None) if attn is not None else None)
+    return state
+
+
+def _restore_bridge_capture_state(model: Any, state: dict[int, tuple[Any, bool, Any]]) -> None:
+    for module, wired, captured in state.values():
+        if not wired and module._capture_hooks_wired:
+            module._teardown_capture_hooks()
+        attn = module.submodules.get("attn") if getattr(module, "submodules", None) else None
+        if attn is not None and hasattr(attn, "_captured_pre_ln_residual"):
+            attn._captured_pre_ln_residual = captured
 
 
 def _restore_flags(model: Any, saved: dict[str, bool]) -> None:

@@ -44,7 +44,12 @@ def fresh_model(request):
     """A new tiny model per test, for tests that check the model comes out unchanged."""
     from edgepatch.models import random_model
 
-    return random_model("tiny", model_class=request.param, seed=1)
+    model = random_model("tiny", model_class=request.param, seed=1)
+    # TransformerBridge wires its own capture hooks lazily on its first forward; do that before a
+    # test snapshots the model, so the snapshot shows the model as users see it.
+    with torch.no_grad():
+        model(torch.zeros(1, 2, dtype=torch.long))
+    return model
 
 
 def model_snapshot(model) -> dict:

@@ -1,0 +1,163 @@
+"""Attribution patching, integrated gradients and exact patching against autograd and patch()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgepatch as ep
+from edgepatch.attribution import attribute, eap, eap_ig, exact_patching
+from edgepatch.metrics import get_metric
+from edgepatch.tasks import induction
+
+from conftest import assert_unchanged, cached_model, model_snapshot
+
+
+def data_for(model, n=6, seq_len=4, seed=0):
+    return induction(int(model.cfg.d_vocab), n=n, seq_len=seq_len, seed=seed)
+
+
+def autograd_reference(model, graph, data, metric="logit_diff"):
+    """-dMetric/dw at w = 1, by autograd through patch() (the mean over prompts)."""
+    met = get_metric(metric)
+    abl = ep.source_activations(model, graph, data.corrupt)
+    W = torch.ones(graph.n_src, graph.n_dest, requires_grad=True)
+    with ep.patch(model, graph, W, abl):
+        met(model(data.clean), data).mean().backward()
+    return -W.grad
+
+
+@pytest.mark.parametrize("case", [("tiny", "hooked"), ("tiny", "bridge"), ("tiny-gqa", "hooked"),
+                                  ("tiny-gqa", "bridge"), ("tiny-parallel", "bridge")])
+@pytest.mark.parametrize("split", [True, False])
+def test_eap_equals_autograd_gradient(case, split):
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    data = data_for(model)
+    s = eap(model, g, data, "logit_diff", batch_size=4, progress=False)  # two batches: sums must combine
+    ref = autograd_reference(model, g, data)
+    v = g.valid
+    assert torch.allclose(s.scores[v], ref[v], rtol=1e-5, atol=1e-6 * float(ref[v].abs().max()))
+    assert float(ref[v].abs().max()) > 1e-4
+    assert torch.isnan(s.scores[~v]).all()
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_ig_with_one_step_equals_eap(model_class):
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    data = data_for(model)
+    base = eap(model, g, data, progress=False).scores
+    v = g.valid
+    for variant in ("inputs", "activations"):
+        ig = eap_ig(model, g, data, steps=1, variant=variant, progress=False).scores
+        assert torch.allclose(ig[v], base[v], rtol=1e-5, atol=1e-7), variant
+
+
+def test_ig_converges_and_is_exact_where_metric_is_linear():
+    # No final LayerNorm: the logit difference is linear in the final residual, so for edges into
+    # `logits` every method must give the exact patching effect.
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=101, n_ctx=32,
+                                  attn_only=True, normalization_type=None, seed=3)
+    model = HookedTransformer(cfg).eval()
+    g = ep.build_graph(model)
+    data = data_for(model, n=8)
+    exact = exact_patching(model, g, data, progress=False)
+    to_logits = torch.zeros_like(g.valid)
+    to_logits[:, g.dest_index("logits")] = True
+    for scores in (eap(model, g, data, progress=False),
+                   eap_ig(model, g, data, steps=3, progress=False),
+                   eap_ig(model, g, data, variant="clean-corrupted", progress=False)):
+        assert torch.allclose(scores.scores[to_logits], exact.scores[to_logits], atol=1e-5), scores.method
+    # (IG over the weights is not exact here: along its path the heads' own outputs are interpolated too.)
+    # Integrated gradients over the weights: the Riemann sums converge, and the scores add up to the
+    # total effect metric(corrupt) - metric(clean) (completeness).
+    met = get_metric("logit_diff")
+    with torch.no_grad():
+        total = float(met(model(data.corrupt), data).mean() - met(model(data.clean), data).mean())
+    errors = []
+    for steps in (1, 4, 32):
+        ig = eap_ig(model, g, data, steps=steps, variant="activations", progress=False)
+        errors.append(abs(float(ig.flat.sum()) - total))
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 0.05 * abs(total) + 1e-4
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_exact_patching_matches_single_edge_patch(model_class):
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    data = data_for(model, n=5)
+    exact = exact_patching(model, g, data, "logit_diff", edges_per_forward=7, batch_size=3, progress=False)
+    met = get_metric("logit_diff")
+    abl = ep.source_activations(model, g, data.corrupt)
+    with torch.no_grad():
+        full = met(model(data.clean), data).mean()
+        gen = torch.Generator().manual_seed(0)
+        for i in torch.randperm(g.n_edges, generator=gen)[:12].tolist():
+            s, d = g.edge_index[i].tolist()
+            W = torch.ones(g.n_src, g.n_dest)
+            W[s, d] = 0
+            with ep.patch(model, g, W, abl):
+                want = met(model(data.clean), data).mean() - full
+            assert abs(float(exact.scores[s, d]) - float(want)) <= 1e-5, g.edge_names[i]
+    assert exact.flat.abs().max() > 1e-4
+
+
+def test_exact_with_kl_and_a_callable_metric():
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model, n=4)
+    kl = exact_patching(model, g, data, "kl_div", progress=False)
+    assert (kl.flat >= -1e-6).all()  # KL to the clean run can only grow when an edge is ablated
+
+    def top_logit(logits, data):
+        return logits[torch.arange(len(data)), data.answer_pos].max(-1).values
+
+    s = attribute(model, g, data, metric=top_logit, method="exact", progress=False)
+    assert s.metric == "top_logit" and torch.isfinite(s.flat).all()
+
+
+def test_node_level_attribution_sums_edges():
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    node = ep.build_graph(model, level="node")
+    data = data_for(model)
+    e = eap(model, g, data, progress=False).scores
+    n = eap(model, node, data, progress=False).scores
+    assert torch.allclose(n[:, 0], e.nan_to_num(0).sum(1), atol=1e-6)
+
+
+def test_algorithms_leave_model_unchanged(fresh_model):
+    model = fresh_model
+    g = ep.build_graph(model)
+    data = data_for(model)
+    before = model_snapshot(model)
+    for method, opts in (("eap", {}), ("eap-ig", {"steps": 2}), ("eap-ig-activations", {"steps": 2}),
+                         ("clean-corrupted", {}), ("exact", {})):
+        attribute(model, g, data, method=method, progress=False, **opts)
+        assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"Unknown method 'eapig'.*Did you mean 'eap-ig'"):
+        attribute(model, g, data, method="eapig")
+    with pytest.raises(ValueError, match=r"Unknown ablation 'corupt'.*Did you mean 'corrupt'"):
+        eap(model, g, data, ablation="corupt", progress=False)
+    assert_unchanged(model, before)
+
+
+def test_zero_and_mean_ablation_attribution():
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model)
+    met = get_metric("logit_diff")
+    for kind in ("zero", "mean"):
+        s = eap(model, g, data, ablation=kind, progress=False)
+        from edgepatch.attribution import AblationSource
+
+        abl = AblationSource(model, g, data, kind)(data, slice(None))
+        W = torch.ones(g.n_src, g.n_dest, requires_grad=True)
+        with ep.patch(model, g, W, abl):
+            met(model(data.clean), data).mean().backward()
+        v = g.valid
+        assert torch.allclose(s.scores[v], -W.grad[v], rtol=1e-5, atol=1e-7), kind
