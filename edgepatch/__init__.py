@@ -4,11 +4,20 @@
 >>> model = ep.random_model("tiny")
 >>> ep.build_graph(model)
 Graph(random-tiny, 11 src x 27 dest, 110 edges)
+
+Everything is importable from the top level; heavy optional parts (plots) import plotly lazily.
 """
 
+from edgepatch import metrics, tasks
+from edgepatch.attribution import attribute, eap, eap_ig, exact_patching
+from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, UnknownNameError
 from edgepatch.graph import Graph, build_graph
+from edgepatch.loading import load_model
+from edgepatch.masks import EdgeMasks, make_mask_fn, mask_fn, train_masks
+from edgepatch.metrics import get_metric, normalized_faithfulness
 from edgepatch.models import random_model
 from edgepatch.patching import Ablation, mean_activations, patch, source_activations, zero_ablation
+from edgepatch.scores import EdgeScores
 
 __version__ = "0.1.0"

@@ -257,6 +257,7 @@ def eap_ig(
                        steps=steps, variant=variant, method=f"eap-ig-{variant}" if variant != "inputs" else "eap-ig")
 
 
+@torch.enable_grad()
 def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, ablation: Any, batch_size: int,
                 progress: bool, steps: int, variant: str, method: str) -> EdgeScores:
     _check_graph(model, graph)

@@ -391,6 +391,9 @@ class _Engine:
         self.buf: Tensor | None = None
         self.groups: list[tuple[int, Tensor]] = []
         self.filled = 0
+        self.inactive = False  # no destination changes in this forward: skip all work
+        self.sparse = False  # no gradient needed: gather only the sources a hook uses
+        self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def hook_list(self) -> list[tuple[str, Callable]]:
@@ -465,9 +468,19 @@ class _Engine:
                     f"shape [{b}, {p}]; give one position slot per token (or -1 to leave a token unpatched)."
                 )
         self.W = W
+        needs_grad = torch.is_grad_enabled() and (W.requires_grad or x.requires_grad or self.abl.requires_grad)
+        if not needs_grad and self.probe is None:
+            if self.slots is None and bool((W[..., self.g.valid.to(W.device)] == 1).all()):
+                self.inactive = True  # all edges kept: the plain forward, nothing to record
+                return
+            self.sparse = self.slots is None
+            if self.sparse:
+                self.prefix_sums[0] = x.new_zeros(b, p, m)
         self.buf = x.new_empty(self.g.n_src, b, p, m)
 
     def _sink(self, start: int, out: Tensor) -> None:
+        if self.inactive:
+            return
         if self.buf is None:
             raise EdgepatchError("patch: a source hook ran before the model's input hook; unsupported model.")
         n = out.shape[0]
@@ -483,6 +496,8 @@ class _Engine:
             self.buf[start : start + n] = diff
         self.groups.append((start, diff))
         self.filled = max(self.filled, start + n)
+        if self.sparse and start in self.prefix_sums:
+            self.prefix_sums[start + n] = self.prefix_sums[start] + diff.sum(0)
 
     def _prefix_groups(self, n: int) -> list[Tensor]:
         out, covered = [], 0
@@ -503,11 +518,13 @@ class _Engine:
     def _make_dest_hook(self, idx: Tensor, n: int) -> Callable:
         def hook(module: Any, inp: Any, x: Tensor) -> Tensor | None:
             W, buf = self.W, self.buf
-            if W is None or buf is None:
+            if self.inactive or W is None or buf is None:
                 return None
             idx_d = idx.to(W.device)
             if self.probe is not None:
                 return _Probe.apply(x, self.probe, buf[:n], idx_d, n)
+            if self.sparse:
+                return self._sparse_mix(x, W, buf, idx_d, n)
             if self.slots is None and W.ndim == 3:  # circuits folded into the batch
                 c = W.shape[0]
                 mt = (1 - W[:, :n, idx_d]).transpose(1, 2).contiguous()  # [C, h, n]
@@ -537,6 +554,37 @@ class _Engine:
             return x - corr
 
         return hook
+
+    def _sparse_mix(self, x: Tensor, W: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor | None:
+        """No-gradient path. ``x_d = r_d - sum_s (1 - w_sd) D_s`` touches the sources with some w != 1;
+        the same value ``(r_d - sum_{s<n} D_s) + sum_s w_sd D_s`` touches those with some w != 0. Use the
+        form with fewer sources and gather only those rows of D (a sparse circuit costs almost nothing)."""
+        Wh = W[..., :n, :][..., idx]  # [n, h] or [C, n, h]
+        sub_rows = (Wh != 1).reshape(-1, n, Wh.shape[-1]).any(0).any(1).nonzero().flatten()
+        if sub_rows.numel() == 0:
+            return None
+        add_rows = (Wh != 0).reshape(-1, n, Wh.shape[-1]).any(0).any(1).nonzero().flatten()
+        additive = add_rows.numel() < sub_rows.numel() and n in self.prefix_sums
+        rows = add_rows if additive else sub_rows
+        _, b, p, m = buf.shape
+        if rows.numel():
+            coef = Wh.index_select(-2, rows) if additive else 1 - Wh.index_select(-2, rows)
+            D = buf.index_select(0, rows)  # [r, b, p, m]
+            if Wh.ndim == 2:
+                corr = (coef.T @ D.view(rows.numel(), -1)).view(-1, b, p, m).permute(1, 2, 0, 3)
+            else:
+                c = Wh.shape[0]
+                corr = torch.bmm(coef.transpose(1, 2), D.view(rows.numel(), c, -1).transpose(0, 1))
+                corr = corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
+        else:
+            corr = x.new_zeros(b, p, 1, m)
+        if x.ndim == 3:
+            corr = corr[:, :, 0]
+        if not additive:
+            return x - corr
+        base = self.prefix_sums[n]
+        base = base if x.ndim == 3 else base.unsqueeze(2)
+        return (x - base) + corr
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -517,3 +517,25 @@ def test_errors_leave_model_unchanged(fresh_model):
     assert_unchanged(model, before)
     with torch.no_grad():
         assert torch.equal(model(clean), model(clean))
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_sparse_and_dense_paths_agree(model_class):
+    """Without gradients the engine gathers only the sources a hook uses (additive or subtractive form);
+    with gradients it uses the dense product. Both must give the same logits."""
+    model = cached_model("tiny-gqa", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model), tokens(model, seed=12)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(7)
+    cases = [torch.rand(g.n_src, g.n_dest, generator=gen),
+             (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.05).float(),  # sparse: additive form
+             (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.95).float(),  # dense: subtractive form
+             (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.1).float()]  # circuits folded
+    for W in cases:
+        toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+        with ep.patch(model, g, W, abl):
+            with torch.no_grad():
+                sparse = model(toks)
+            dense = model(toks).detach()  # parameters require grad: the dense path
+        assert (sparse - dense).abs().max() <= ATOL

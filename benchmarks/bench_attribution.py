@@ -1,0 +1,68 @@
+"""EAP and EAP-IG cost vs a plain forward (issue #3).
+
+Targets: EAP <= 5x a plain forward (auto-circuit: 41x), peak memory <= 1.6 GB (auto-circuit: 4.1 GB),
+EAP-IG with k steps <= (k + 1) x EAP. GPT-2-small-shaped random model, batch 8 x 16, CPU 2 threads.
+Prints one JSON line. Peak memory is the process's peak resident set (CPU) or peak CUDA allocation
+(GPU), measured right after EAP, so it includes the model's own weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+
+import edgepatch as ep
+from common import emit, interleaved, parse_args, peak_memory_mb, reset_peak
+
+
+def main() -> None:
+    args = parse_args(lambda p: p.add_argument("--ig-steps", type=int, default=5))
+    dev = args.device
+    model = ep.random_model(args.preset, model_class=args.model_class, device=dev)
+    graph = ep.build_graph(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.cfg.d_vocab
+    clean = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    corrupt = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    answers = torch.randint(0, vocab, (args.batch, 1), generator=gen)
+    wrong = torch.randint(0, vocab, (args.batch, 1), generator=gen)
+    data = ep.PromptPairs.from_tokens(clean, corrupt, answers, wrong).to(dev)
+    opts = dict(batch_size=args.batch, progress=False)
+    reset_peak(dev)
+    ep.eap(model, graph, data, "logit_diff", **opts)  # first call: peak memory of EAP alone
+    peak_eap = peak_memory_mb(dev)
+    k = args.ig_steps
+
+    def plain():
+        with torch.no_grad():
+            model(data.clean)
+
+    med, ratios = interleaved({
+        "plain": plain,
+        "eap": lambda: ep.eap(model, graph, data, "logit_diff", **opts),
+        "eap_ig": lambda: ep.eap_ig(model, graph, data, "logit_diff", steps=k, **opts),
+    }, args.repeats, dev)
+    emit(
+        "attribution",
+        args,
+        n_edges=graph.n_edges,
+        plain_s=med["plain"],
+        eap_s=med["eap"],
+        eap_ig_s=med["eap_ig"],
+        ig_steps=k,
+        eap_over_plain=ratios["eap"],
+        eap_ig_over_eap=med["eap_ig"] / med["eap"],
+        eap_ig_limit=k + 1,
+        target_eap_over_plain=5.0,
+        peak_memory_mb_eap=peak_eap,
+        target_peak_memory_mb=1600,
+        peak_memory_mb_total=peak_memory_mb(dev),
+    )
+
+
+if __name__ == "__main__":
+    main()

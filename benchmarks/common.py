@@ -1,0 +1,102 @@
+"""Shared benchmark helpers: timing medians, peak memory, one JSON line per benchmark.
+
+Benchmarks report *ratios within one run* (patched / plain forward, same model, same batch): absolute
+times on shared machines are noise. Run them with ``python benchmarks/<name>.py [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--model-class", default="hooked", choices=["hooked", "bridge"])
+    p.add_argument("--preset", default="gpt2-small")
+    if extra:
+        extra(p)
+    args = p.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, device: str = "cpu", warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: str = "cpu") -> float:
+    """Peak resident memory of this process (CPU) or peak CUDA allocation (GPU), in MB."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def reset_peak(device: str = "cpu") -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def emit(name: str, args: argparse.Namespace, **fields: Any) -> None:
+    device = args.device
+    rec = {
+        "benchmark": name,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+        "model": f"{args.preset} ({args.model_class}, random weights)",
+        "batch": f"{args.batch}x{args.seq}",
+        "torch": torch.__version__,
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()},
+    }
+    print(json.dumps(rec))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu", warmup: int = 1,
+                baseline: str = "plain") -> tuple[dict[str, float], dict[str, float]]:
+    """Time several functions round-robin (one call of each per round), so that load from other
+    processes hits all of them alike. Returns (median seconds, median per-round ratio to ``baseline``)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: statistics.median([a / b for a, b in zip(v, times[baseline])]) for k, v in times.items() if k != baseline}
+    return med, ratios
