@@ -1,0 +1,280 @@
+"""The ``edgepatch`` command: from a model and a task to scores, sweeps and faithfulness plots.
+
+Examples::
+
+    edgepatch sweep --model smollm2-135m --task ioi --method eap-ig --counts mib --out runs/ioi
+    edgepatch compare --model smollm2-135m --task ioi --methods eap,eap-ig --out runs/ioi
+    edgepatch info --model smollm2-135m
+
+Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), the sweep state
+``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
+``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
+(versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
+continue where it stopped (``--no-resume`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+TASKS = ("ioi", "greater-than", "induction", "sva")
+METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned", "random",
+           "activation-magnitude")
+
+
+class CliError(Exception):
+    """A bad option: printed without a traceback, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepatch", description="Circuit discovery by edge patching.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="smollm2-135m",
+                        help="a TransformerLens name (gpt2, ...), a local HF folder, 'smollm2-135m' (offline), "
+                             "or 'random:<preset>' (random weights, e.g. random:tiny)")
+        sp.add_argument("--model-class", default="auto", choices=["auto", "hooked", "bridge"])
+        sp.add_argument("--task", default="ioi", help=f"one of {', '.join(TASKS)}")
+        sp.add_argument("--metric", default="logit_diff", help="logit_diff, prob_diff, kl_div, answer_logprob, ...")
+        sp.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "pos_mean", "zero"])
+        sp.add_argument("--counts", default="mib", help="mib, log, all, groups, or comma-separated ints/fractions")
+        sp.add_argument("--direction", default="sufficiency", choices=["sufficiency", "necessity"])
+        sp.add_argument("--n-prompts", type=int, default=32)
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig)")
+        sp.add_argument("--random-baseline", type=int, default=0, help="random circuits per count (a band)")
+        sp.add_argument("--joint-qkv", action="store_true", help="one destination per head instead of q/k/v")
+        sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        sp.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>)")
+        sp.add_argument("--resume", dest="resume", action="store_true", default=True)
+        sp.add_argument("--no-resume", dest="resume", action="store_false")
+        sp.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    s = sub.add_parser("sweep", help="score edges with one method and sweep circuit sizes")
+    common(s)
+    s.add_argument("--method", default="eap-ig", help=f"one of {', '.join(METHODS)}")
+    c = sub.add_parser("compare", help="run several methods and overlay their faithfulness curves")
+    common(c)
+    c.add_argument("--methods", default="eap,eap-ig", help="comma-separated methods")
+    i = sub.add_parser("info", help="load a model and print its graph")
+    i.add_argument("--model", default="smollm2-135m")
+    i.add_argument("--model-class", default="auto", choices=["auto", "hooked", "bridge"])
+    i.add_argument("--device", default=None)
+    return p
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> str:
+    from edgepatch.errors import suggest
+
+    key = value.lower().replace("_", "-")
+    if key not in choices:
+        raise CliError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}.{suggest(key, choices)}")
+    return key
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {arg}: CUDA is not available on this machine; use --device cpu.")
+    return arg
+
+
+def _load(args: argparse.Namespace, device: str) -> Any:
+    import edgepatch as ep
+
+    if args.model.startswith("random:"):
+        return ep.random_model(args.model.split(":", 1)[1], model_class="hooked" if args.model_class == "auto" else args.model_class,
+                               device=device)
+    return ep.load_model(args.model, device=device, model_class=args.model_class)
+
+
+def _task(args: argparse.Namespace, model: Any) -> Any:
+    import edgepatch as ep
+
+    tok = getattr(model, "tokenizer", None)
+    name = args.task
+    if name == "induction":
+        vocab = tok if tok is not None else int(model.cfg.d_vocab)
+        return ep.tasks.induction(vocab if tok is not None else int(model.cfg.d_vocab), n=args.n_prompts, seed=args.seed)
+    if tok is None:
+        raise CliError(f"--task {name} needs a tokenizer, but the model has none; use --task induction.")
+    fn = {"ioi": ep.tasks.ioi, "greater-than": ep.tasks.greater_than, "sva": ep.tasks.sva}[name]
+    return fn(tok, n=args.n_prompts, seed=args.seed)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("edgepatch", "torch", "transformer-lens", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary_table(rows: list[dict[str, Any]], counts: list[int]) -> str:
+    head = ["method", "clean", "ablated"] + [f"k={c}" for c in counts] + ["CPR", "CMD"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["method"], f"{r['clean']:.3f}", f"{r['ablated']:.3f}"] + [f"{v:.2f}" for v in r["faithfulness"]]
+                     + [f"{r['cpr']:.3f}", f"{r['cmd']:.3f}"])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import edgepatch as ep
+    from edgepatch import io as epio
+    from edgepatch import plots
+    from edgepatch.sweep import sweep as run_sweep
+
+    if args.command == "info":
+        device = _device(args.device)
+        model = _load(args, device)
+        print(ep.build_graph(model).summary())
+        print(ep.build_graph(model, split_qkv=False))
+        return 0
+
+    methods = [args.method] if args.command == "sweep" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [_check_choice("method", m, METHODS) for m in methods]
+    args.task = _check_choice("task", args.task, TASKS)
+    if args.n_prompts < 1 or args.batch_size < 1:
+        raise CliError(f"--n-prompts and --batch-size must be >= 1; got {args.n_prompts} and {args.batch_size}.")
+    ep.get_metric(args.metric)  # fails early with suggestions
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    model_tag = args.model.replace("/", "_").replace(":", "-")
+    out = Path(args.out or f"runs/{model_tag}-{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "run.json"
+    record: dict[str, Any] = {"command": args.command, "options": vars(args), "versions": _versions(),
+                              "device": device, "timings": {}, "status": "running"}
+    t_start = time.perf_counter()
+
+    t = time.perf_counter()
+    model = _load(args, device)
+    record["timings"]["load_model_s"] = time.perf_counter() - t
+    graph = ep.build_graph(model, split_qkv=not args.joint_qkv)
+    data = _task(args, model)
+    print(f"{graph!r} | task {args.task}: {len(data)} prompts x {data.clean.shape[1]} tokens | device {device}",
+          flush=True)
+    results: dict[str, Any] = {}
+    rows = []
+    try:
+        for method in methods:
+            scores_path = out / f"scores_{method}"
+            t = time.perf_counter()
+            scores = None
+            if args.resume and (scores_path.with_suffix(".safetensors")).exists():
+                try:
+                    scores = epio.load_scores(scores_path, graph=graph)
+                    print(f"[{method}] scores loaded from {scores_path}.safetensors (resume)")
+                except Exception:
+                    scores = None
+            if scores is None:
+                opts: dict[str, Any] = dict(ablation=args.ablation, batch_size=args.batch_size, progress=args.progress)
+                if method.startswith("eap-ig"):
+                    opts["steps"] = args.steps
+                if method in ("random",):
+                    opts = {"seed": args.seed}
+                scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
+                epio.save_scores(scores, scores_path)
+            record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            result = run_sweep(model, graph, scores, data, counts=args.counts, metric=args.metric,
+                               ablation=args.ablation, direction=args.direction,
+                               random_baseline=args.random_baseline, seed=args.seed,
+                               batch_size=args.batch_size, out=out / f"sweep_{method}" if args.resume else None,
+                               progress=args.progress)
+            record["timings"][f"{method}_sweep_s"] = time.perf_counter() - t
+            results[method] = result
+            faith = [float(v) for v in result.normalized]
+            rows.append({"method": method, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
+                         "faithfulness": faith, "cpr": float(result.cpr()), "cmd": float(result.cmd())})
+            # the smallest circuit reaching 80% normalized faithfulness
+            eff = [int(c) for c in result.effective_counts]
+            reach = [c for c, f in zip(eff, faith) if f >= 0.8]
+            rows[-1]["smallest_80pct"] = min(reach) if reach else None
+            if reach:
+                fig = plots.plot_circuit(scores, k=min(reach))
+                plots.save_figure(fig, out / f"circuit_{method}.html")
+                plots.save_figure(fig, out / f"circuit_{method}.png")
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        record["timings"]["total_s"] = time.perf_counter() - t_start
+        record_path.write_text(json.dumps(record, indent=2, default=str))
+        print(f"\nInterrupted. Everything done so far is saved in {out}; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    fig = plots.plot_faithfulness({m.upper(): r for m, r in results.items()})
+    plots.save_figure(fig, out / "faithfulness.html")
+    png = plots.save_figure(fig, out / "faithfulness.png")
+    counts = [int(c) for c in next(iter(results.values())).effective_counts]
+    print()
+    print(f"metric {args.metric}, {args.direction}, ablation {args.ablation}; normalized faithfulness per edge count:")
+    print(_summary_table(rows, counts))
+    for r in rows:
+        k = r["smallest_80pct"]
+        print(f"[{r['method']}] smallest circuit reaching 80% faithfulness: "
+              + (f"{k} edges ({100 * k / graph.n_edges:.2f}% of {graph.n_edges:,})" if k else "none of the swept sizes"))
+    record["status"] = "done"
+    record["results"] = rows
+    record["counts"] = counts
+    record["n_edges"] = graph.n_edges
+    record["timings"]["total_s"] = time.perf_counter() - t_start
+    record["peak_memory_mb"] = _peak_mb(device)
+    record["files"] = sorted(p.name for p in out.iterdir())
+    record_path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"\nWrote {out}/: faithfulness.html{' + .png' if png else ''}, scores, sweeps, circuits, run.json "
+          f"({record['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as err:
+        print(f"edgepatch: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from edgepatch.errors import EdgepatchError
+
+        if isinstance(err, EdgepatchError):
+            print(f"edgepatch: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
