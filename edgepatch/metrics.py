@@ -306,6 +306,9 @@ kl_div = KLDivergence
 """``kl_div`` is the ``KLDivergence`` class: ``kl_div(clean_logits)(logits, data)``."""
 
 
+ALIASES = {"kl": "kl_div", "logit_difference": "logit_diff", "logprob": "answer_logprob", "prob": "answer_prob"}
+
+
 def get_metric(name_or_callable: Union[str, Callable]) -> Callable:
     """Resolve a metric name (see the module table) or return a callable unchanged.
 
@@ -320,7 +323,7 @@ def get_metric(name_or_callable: Union[str, Callable]) -> Callable:
     ValueError: Unknown metric 'logit_dif'. Did you mean 'logit_diff' or ...? Known metrics: accuracy, ...
     """
     if isinstance(name_or_callable, str):
-        entry = METRICS.get(name_or_callable)
+        entry = METRICS.get(ALIASES.get(name_or_callable, name_or_callable))
         if entry is None:
             close = difflib.get_close_matches(name_or_callable, list(METRICS), n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""

@@ -567,9 +567,14 @@ class _Engine:
         additive = add_rows.numel() < sub_rows.numel() and n in self.prefix_sums
         rows = add_rows if additive else sub_rows
         _, b, p, m = buf.shape
-        if rows.numel():
+        if 2 * rows.numel() > n:  # dense enough: multiply over the contiguous prefix, no gather copy
+            coef = Wh if additive else 1 - Wh
+            rows = torch.arange(n, device=rows.device)
+            D = buf[:n]
+        elif rows.numel():
             coef = Wh.index_select(-2, rows) if additive else 1 - Wh.index_select(-2, rows)
             D = buf.index_select(0, rows)  # [r, b, p, m]
+        if rows.numel():
             if Wh.ndim == 2:
                 corr = (coef.T @ D.view(rows.numel(), -1)).view(-1, b, p, m).permute(1, 2, 0, 3)
             else:

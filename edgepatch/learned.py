@@ -1,0 +1,272 @@
+"""Learned edge masks: circuit discovery by optimization (subnetwork probing, Edge Pruning, continuous
+sparsification).
+
+Context
+-------
+Instead of testing edges one by one, give every edge a learnable mask parameter ``p``, map it to a
+patching weight ``w = f(p)`` in [0, 1] (:mod:`edgepatch.masks`), and train the parameters by gradient
+descent on::
+
+    loss = faithfulness(masked model) + sparsity term
+
+with the model's own weights frozen. The faithfulness loss is the KL divergence of the masked model's
+next-token distribution at the answer position to the clean model's (default; Edge Pruning's choice), or
+minus a task metric (plus it, for a lower-is-better metric). The edges whose masks end up "on" are the
+circuit. Three recipes, by ``mask_fn``:
+
+- ``"hard_concrete"`` (Edge Pruning, Bhaskar et al. 2024; gates of Louizos et al. 2018): stochastic
+  hard-concrete gates and an expected-L0 density ``rho = E[#edges kept] / n_edges`` (``masks.penalty()
+  / n_edges``). With ``target_sparsity`` the density is driven to the target ``rho* = 1 - target_sparsity``
+  by a Lagrangian::
+
+      g = (rho - rho*) / rho*
+      loss = faithfulness + lambda1 * g + lambda2 * g**2
+
+  The multipliers are updated by gradient *ascent* on the loss (Adam with ``maximize=True``, step
+  ``lambda_lr``), so the constraint tightens while it is violated. The gap ``g`` is measured relative to
+  the target (Edge Pruning uses ``rho - rho*``; dividing by the constant ``rho*`` only rescales the
+  multipliers, and makes one ``lambda_lr`` work for targets from 50% to 2% of the edges). The target
+  sparsity is warmed up linearly from 0 over the first ``warmup`` fraction of the epochs. The final
+  circuit is the deterministic mask of Edge Pruning's (and CoFi's) code: the ``round(E[#edges kept])``
+  edges with the largest parameters (``final="expected"``; ``final="threshold"`` keeps ``p > 0`` instead).
+- ``"sigmoid"`` (subnetwork probing with an L1 penalty): ``w = sigmoid(p)``, penalty ``sum w``.
+- ``"continuous"`` (continuous sparsification, Savarese et al. 2019): ``w = sigmoid(T * p)`` with the
+  temperature ``T`` raised exponentially from 1 to ``final_temperature`` (default 200) over the epochs, so
+  the weights become binary; L1 penalty ``sum sigmoid(T * p)``. Use it with ``penalty_weight`` (its
+  recipe): a ``target_sparsity`` is only approximate here, because as ``T`` grows the decisions freeze
+  (the gradient of ``sigmoid(T * p)`` vanishes) before the Lagrange multipliers settle.
+
+Any recipe uses the Lagrangian when ``target_sparsity`` is given (its density is then the mean weight)
+and a fixed penalty ``penalty_weight * rho`` otherwise. The final circuit of ``sigmoid`` and
+``continuous`` masks is their deterministic (eval-mode) binarization by default: an edge is kept iff its
+parameter is positive (sigmoid: ``w > 1/2``; continuous: ``p > 0``); ``final="expected"`` keeps the
+``round(sum of weights)`` edges with the largest parameters instead.
+
+Score kind: learned masks do not estimate the sign convention's ``metric(edge ablated) - metric(edge
+kept)``. ``scores`` are the raw mask parameters ``p``, an *importance* (higher = more important, the
+circuit is the top of this ranking), and ``info["score_kind"] == "importance"``. Rank them with
+``by="signed"`` (``scores.circuit(k, by="signed")``), not by ``|score|``.
+
+Model safety: the optimizer holds the mask parameters only (checked), the model's parameters are frozen
+inside :func:`~edgepatch.masks.train_masks` and their ``requires_grad`` restored after; modules are put
+in eval mode (no dropout) and restored; the global RNG state is restored (hard-concrete noise comes from
+``seed``).
+
+Example
+-------
+>>> from edgepatch.models import random_model
+>>> from edgepatch.graph import build_graph
+>>> from edgepatch.tasks import induction
+>>> model = random_model("tiny"); graph = build_graph(model)
+>>> r = learn_masks(model, graph, induction(101, n=8, seq_len=4), target_sparsity=0.8, epochs=5,
+...                 progress=False)
+>>> r.info["score_kind"], r.circuit_mask.shape
+('importance', torch.Size([11, 27]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from edgepatch.baselines import (
+    _ablation_kind,
+    _batches_with_ablation,
+    _check_batch_size,
+    _check_data,
+    _eval_mode,
+    _model_device_dtype,
+    _prepared_metric,
+    _progress,
+    _resolve_metric,
+)
+from edgepatch.data import PromptPairs
+from edgepatch.errors import EdgepatchError
+from edgepatch.graph import Graph
+from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
+from edgepatch.patching import Ablation, _check_graph, engine_flags
+from edgepatch.scores import EdgeScores
+
+__all__ = ["learn_masks"]
+
+DEFAULT_INIT = {"hard_concrete": 0.95, "sigmoid": 0.95, "continuous": 0.75}  # initial eval weights
+
+
+def _faithfulness_loss(metric: Any, logits: Tensor, batch: PromptPairs) -> Tensor:
+    values = metric(logits, batch)
+    if getattr(metric, "needs_clean", False) or not getattr(metric, "higher_is_better", True):
+        return values.mean()  # KL (or another lower-is-better metric): minimize it
+    return -values.mean()  # a task metric: maximize it
+
+
+def learn_masks(
+    model: Any,
+    graph: Graph,
+    data: PromptPairs,
+    metric: Any = "kl",
+    *,
+    mask_fn: str = "hard_concrete",
+    target_sparsity: float | None = None,
+    penalty_weight: float = 0.1,
+    epochs: int = 200,
+    lr: float = 0.1,
+    lambda_lr: float = 0.3,
+    warmup: float = 0.5,
+    final_temperature: float = 200.0,
+    init: float | None = None,
+    final: str | None = None,
+    seed: int = 0,
+    ablation: "str | Ablation" = "corrupt",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> EdgeScores:
+    """Learn edge masks (see the module docstring) and return their scores and final circuit.
+
+    ``metric``: ``"kl"`` (default), a metric name or callable; the loss is its mean (KL) or minus its
+    mean (higher-is-better metrics). ``mask_fn``: ``"hard_concrete"``, ``"sigmoid"`` or ``"continuous"``.
+    ``target_sparsity``: fraction of edges to *remove* (density ``1 - target_sparsity``), reached by the
+    Lagrangian (``lambda_lr``: its ascent step; ``warmup``: fraction of the epochs over which the target
+    grows linearly from 0); without it, ``penalty_weight * density`` is added to the loss. ``final``:
+    ``"expected"`` (keep the ``round(E[#kept])`` highest parameters; default for hard-concrete) or
+    ``"threshold"`` (keep ``p > 0``; default for the others). ``epochs``:
+    passes over ``data`` (one optimizer step per batch of ``batch_size`` prompts). ``lr``: Adam's
+    learning rate on the mask parameters. ``final_temperature``: continuous sparsification's final
+    temperature. ``ablation``: ``"corrupt"`` (default), ``"mean"``, ``"pos_mean"``, ``"zero"`` or an
+    :class:`~edgepatch.patching.Ablation`. ``init``: initial weight of every edge (default 0.95; continuous: 0.75, so that the
+    parameters can still cross 0 before the temperature freezes them). ``seed``: hard-concrete noise.
+
+    Returns :class:`~edgepatch.scores.EdgeScores` with ``scores`` = mask parameters (importance, see
+    above), ``circuit_mask`` = the final circuit, ``info`` = final density (binary) and expected density,
+    the history of every epoch (loss, faithfulness, expected density, kept edges, lambdas, temperature).
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> from edgepatch.tasks import induction
+    >>> m = random_model("tiny"); g = build_graph(m)
+    >>> r = learn_masks(m, g, induction(101, n=4, seq_len=4), mask_fn="sigmoid", epochs=3, progress=False)
+    >>> len(r.info["history"])
+    3
+    """
+    _check_graph(model, graph)
+    data = _check_data(model, data)
+    batch_size = _check_batch_size(batch_size)
+    epochs = _check_batch_size(epochs, "epochs")
+    fn = make_mask_fn(mask_fn)
+    kind = fn.name
+    if kind not in DEFAULT_INIT:
+        raise EdgepatchError(f"mask_fn must be 'hard_concrete', 'sigmoid' or 'continuous'; got {mask_fn!r}.")
+    if target_sparsity is not None and not 0.0 <= float(target_sparsity) < 1.0:
+        raise EdgepatchError(
+            f"target_sparsity is the fraction of edges to remove, in [0, 1); got {target_sparsity!r} "
+            f"(e.g. 0.95 keeps 5% of the edges)."
+        )
+    if not 0.0 <= float(warmup) <= 1.0:
+        raise EdgepatchError(f"warmup is a fraction of the epochs, in [0, 1]; got {warmup!r}.")
+    init_w = DEFAULT_INIT[kind] if init is None else float(init)
+    metric_fn, metric_name = _resolve_metric(metric)
+    device = _model_device_dtype(model)[0]
+    n_edges = graph.n_edges if graph.level == "edge" else graph.n_src
+    target_density = None if target_sparsity is None else 1.0 - float(target_sparsity)
+
+    if final is None:
+        final = "expected" if kind == "hard_concrete" else "threshold"
+    if final not in ("expected", "threshold"):
+        raise EdgepatchError(f"final must be 'expected' or 'threshold'; got {final!r}.")
+
+    model_param_ids = {id(p) for p in model.parameters()}
+    history: list[dict[str, Any]] = []
+    rng_devices = [device] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_eval_mode(model))
+        stack.enter_context(engine_flags(model))
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+        torch.manual_seed(int(seed))
+        with torch.no_grad():
+            batches = [(b, a, _prepared_metric(model, metric_fn, b))
+                       for b, a in _batches_with_ablation(model, graph, data, ablation, batch_size)]
+        masks = EdgeMasks(graph, init=init_w, mask_fn=fn, device=device)
+        masks.train()
+        params = list(masks.parameters())
+        if any(id(p) in model_param_ids for p in params):  # pragma: no cover - a bug, never expected
+            raise EdgepatchError("learn_masks: internal error, the optimizer would update model weights.")
+        opt = torch.optim.Adam(params, lr=lr)
+        lambdas = torch.zeros(2, device=device, requires_grad=True)  # Lagrange multipliers (lambda1, lambda2)
+        lambda_opt = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)  # gradient *ascent*
+        held = None
+        if len(batches) == 1:  # one patch context for the whole run (entering one installs hooks)
+            held = stack.enter_context(train_masks(model, graph, batches[0][1], masks=masks))
+        bar = _progress(progress, epochs, f"learn masks ({kind}, {n_edges:,} edges)")
+        for epoch in range(epochs):
+            if isinstance(fn, ContinuousSparsification):
+                fn.temperature = ContinuousSparsification.schedule(epoch, epochs, final_temperature)
+            target = None
+            if target_density is not None:
+                ramp = 1.0 if warmup == 0 else min(1.0, (epoch + 1) / max(1.0, warmup * epochs))
+                target = 1.0 - (1.0 - target_density) * ramp
+            sums = {"loss": 0.0, "faithfulness": 0.0, "density": 0.0}
+            for batch, abl, metric_b in batches:
+                ctx = contextlib.nullcontext() if held is not None else train_masks(model, graph, abl, masks=masks)
+                with ctx:
+                    logits = model(batch.clean.to(device))
+                faith = _faithfulness_loss(metric_b, logits, batch)
+                density = masks.penalty() / n_edges
+                if target is None:
+                    loss = faith + penalty_weight * density
+                else:
+                    gap = (density - target) / target  # relative: lambda_lr does not depend on the target
+                    loss = faith + lambdas[0] * gap + lambdas[1] * gap**2
+                opt.zero_grad(set_to_none=True)
+                lambda_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if target is not None:
+                    lambda_opt.step()
+                w = batch.batch / data.batch
+                sums["loss"] += float(loss.detach()) * w
+                sums["faithfulness"] += float(faith.detach()) * w
+                sums["density"] += float(density.detach()) * w
+            lam = lambdas.detach().tolist()
+            row = {"epoch": epoch, **sums, "n_kept": masks.n_kept(), "lambda1": lam[0], "lambda2": lam[1]}
+            if target is not None:
+                row["target_density"] = target
+            if isinstance(fn, ContinuousSparsification):
+                row["temperature"] = fn.temperature
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4g}", kept=row["n_kept"])
+        bar.close()
+        masks.eval()
+        with torch.no_grad():
+            expected = float(masks.penalty()) / n_edges
+        logits_param = masks.logits.detach().cpu()
+        if final == "threshold":
+            circuit = masks.circuit().cpu()
+        else:  # the deterministic mask: the round(E[#kept]) edges with the largest parameters
+            k = int(round(expected * n_edges))
+            circuit = EdgeScores(logits_param.reshape(graph.n_src, -1), graph).circuit(k, by="signed")
+
+    n_kept = int(circuit.sum())
+    info: dict[str, Any] = {
+        "score_kind": "importance",
+        "mask_fn": kind,
+        "density": n_kept / n_edges,
+        "n_kept": n_kept,
+        "expected_density": expected,
+        "final": final,
+        "target_sparsity": target_sparsity,
+        "target_density": target_density,
+        "penalty_weight": penalty_weight if target_sparsity is None else None,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "ablation": _ablation_kind(ablation),
+        "history": history,
+        "loss": [h["loss"] for h in history],
+    }
+    if kind == "continuous":
+        info["final_temperature"] = final_temperature
+    return EdgeScores(logits_param, graph, method=f"learned_{kind}", metric=metric_name, info=info,
+                      circuit_mask=circuit.bool())

@@ -1,0 +1,191 @@
+"""Learned edge masks: sparsity targets reached, faithful circuits, the model never touched."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import edgepatch as ep
+from edgepatch.errors import EdgepatchError
+from edgepatch.learned import learn_masks
+from edgepatch.metrics import KLDivergence, logit_diff, normalized_faithfulness
+from edgepatch.tasks import induction
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on shared CPUs
+
+TARGET_SPARSITY = 0.8
+EPOCHS = 120
+
+
+@functools.lru_cache(maxsize=None)
+def _model(preset: str, cls: str):
+    return ep.random_model(preset, model_class=cls, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _data():
+    return induction(101, n=8, seq_len=5, seed=0)
+
+
+def snapshot(model):
+    return {
+        "hooks": [(n, len(h._forward_hooks), len(h._forward_pre_hooks), len(h._backward_hooks))
+                  for n, h in model.hook_dict.items()],
+        "flags": {f: getattr(model.cfg, f, None) for f in
+                  ("use_split_qkv_input", "use_attn_in", "use_hook_mlp_in", "use_attn_result")},
+        "params": [(n, id(p), p.requires_grad, p.grad is None, p.detach().clone())
+                   for n, p in model.named_parameters()],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_same_state(before, after):
+    assert before["hooks"] == after["hooks"]
+    assert before["flags"] == after["flags"]
+    assert before["training"] == after["training"]
+    assert len(before["params"]) == len(after["params"])
+    for (n, i, rg, nograd, v), (n2, i2, rg2, nograd2, v2) in zip(before["params"], after["params"]):
+        assert (n, i, rg, nograd) == (n2, i2, rg2, nograd2), n
+        assert torch.equal(v, v2), n
+
+
+@functools.lru_cache(maxsize=None)
+def _hard_concrete_run(cls: str):
+    """One Edge-Pruning run per model class, shared by the tests below (with the model state around it)."""
+    model = _model("tiny", cls)
+    graph = ep.build_graph(model)
+    before = snapshot(model)
+    rng = torch.get_rng_state()
+    result = learn_masks(model, graph, _data(), target_sparsity=TARGET_SPARSITY, epochs=EPOCHS, progress=False)
+    return result, before, snapshot(model), rng, torch.get_rng_state()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Edge Pruning (hard-concrete + Lagrangian)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_hard_concrete_reaches_target_sparsity_within_10_percent(cls):
+    result, *_ = _hard_concrete_run(cls)
+    graph = result.graph
+    target_kept = graph.n_edges * (1 - TARGET_SPARSITY)  # 22 of 110 edges
+    # relative tolerance: within 10% of the target number of kept edges (here +-2.2 edges)
+    assert abs(result.info["n_kept"] - target_kept) <= 0.1 * target_kept
+    assert result.info["n_kept"] == int(result.circuit_mask.sum())
+    assert result.info["density"] == pytest.approx(result.info["n_kept"] / graph.n_edges)
+    assert abs(result.info["expected_density"] - (1 - TARGET_SPARSITY)) <= 0.1 * (1 - TARGET_SPARSITY)
+    # the warm-up ramps the target from density 1 down to the target
+    targets = [h["target_density"] for h in result.info["history"]]
+    assert targets[0] > 0.95 and targets[-1] == pytest.approx(1 - TARGET_SPARSITY)
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+
+
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_scores_are_importances_and_the_circuit_is_their_top(cls):
+    result, *_ = _hard_concrete_run(cls)
+    assert result.info["score_kind"] == "importance"
+    assert result.method == "learned_hard_concrete" and result.metric == "kl_div"
+    k = result.info["n_kept"]
+    assert torch.equal(result.circuit(k, by="signed"), result.circuit_mask)
+    assert not bool((result.circuit_mask & ~result.graph.valid).any())
+    assert len(result.info["loss"]) == EPOCHS
+
+
+def test_hard_concrete_circuit_is_faithful():
+    result, *_ = _hard_concrete_run("hooked")
+    model, data, graph = _model("tiny", "hooked"), _data(), result.graph
+    abl = ep.source_activations(model, graph, data.corrupt)
+    with torch.no_grad():
+        clean_logits = model(data.clean)
+        clean = float(logit_diff(clean_logits, data).mean())
+        corrupt_logits = model(data.corrupt)
+        corrupt = float(logit_diff(corrupt_logits, data).mean())
+        with ep.patch(model, graph, result.circuit_mask, abl):
+            circuit_logits = model(data.clean)
+    assert abs(clean - corrupt) > 0.05  # the task separates the full model from the corrupted one
+    kl = KLDivergence(clean_logits)
+    circuit_ld = float(logit_diff(circuit_logits, data).mean())
+    assert normalized_faithfulness(circuit_ld, clean, corrupt) >= 0.5
+    # and by the loss it was trained on: KL(clean || circuit) at most half of KL(clean || ablated)
+    kl_circuit, kl_ablated = float(kl(circuit_logits, data).mean()), float(kl(corrupt_logits, data).mean())
+    assert normalized_faithfulness(kl_circuit, 0.0, kl_ablated) >= 0.5
+
+
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_model_and_global_rng_untouched(cls):
+    _, before, after, rng_before, rng_after = _hard_concrete_run(cls)
+    assert_same_state(before, after)  # values, identities, requires_grad, no .grad, hooks, flags, modes
+    assert torch.equal(rng_before, rng_after)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Other recipes
+# ------------------------------------------------------------------------------------------------------
+def test_sigmoid_l1_and_continuous_sparsification():
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    before = snapshot(model)
+    sig = learn_masks(model, graph, _data(), mask_fn="sigmoid", penalty_weight=0.05, epochs=40, progress=False)
+    assert sig.method == "learned_sigmoid" and sig.info["final"] == "threshold"
+    assert torch.equal(sig.circuit_mask, (sig.scores > 0) & graph.valid)
+    assert 0 < sig.info["n_kept"] < graph.n_edges
+    cs = learn_masks(model, graph, _data(), mask_fn="continuous", penalty_weight=0.05, epochs=30,
+                     final_temperature=200, progress=False)
+    temps = [h["temperature"] for h in cs.info["history"]]
+    assert temps[0] == pytest.approx(1.0) and temps[-1] == pytest.approx(200.0)
+    assert all(b > a for a, b in zip(temps, temps[1:]))  # exponential: ratios constant
+    assert temps[2] / temps[1] == pytest.approx(temps[1] / temps[0])
+    assert torch.equal(cs.circuit_mask, (cs.scores > 0) & graph.valid)
+    assert 0 < cs.info["n_kept"] < graph.n_edges
+    # a stronger penalty keeps fewer edges
+    strong = learn_masks(model, graph, _data(), mask_fn="sigmoid", penalty_weight=1.0, epochs=40, progress=False)
+    assert strong.info["n_kept"] < sig.info["n_kept"]
+    assert_same_state(before, snapshot(model))
+
+
+def test_seeded_and_task_metric_and_mean_ablation():
+    model = _model("tiny", "bridge")
+    graph = ep.build_graph(model)
+    a = learn_masks(model, graph, _data(), target_sparsity=0.5, epochs=8, seed=3, progress=False)
+    b = learn_masks(model, graph, _data(), target_sparsity=0.5, epochs=8, seed=3, progress=False)
+    c = learn_masks(model, graph, _data(), target_sparsity=0.5, epochs=8, seed=4, progress=False)
+    assert torch.equal(a.scores.nan_to_num(0), b.scores.nan_to_num(0))
+    assert not torch.equal(a.scores.nan_to_num(0), c.scores.nan_to_num(0))
+    r = learn_masks(model, graph, _data(), "logit_diff", mask_fn="sigmoid", ablation="mean", batch_size=4,
+                    epochs=4, progress=False)
+    assert r.metric == "logit_diff" and r.info["ablation"] == "mean"
+    # the loss is minus the task metric: the first epoch's faithfulness is -logit_diff of (nearly) the model
+    with torch.no_grad():
+        ld = float(logit_diff(model(_data().clean), _data()).mean())
+    assert r.info["history"][0]["faithfulness"] == pytest.approx(-ld, abs=0.05)
+
+
+def test_errors():
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    with pytest.raises(EdgepatchError, match="target_sparsity is the fraction of edges to remove"):
+        learn_masks(model, graph, _data(), target_sparsity=1.5, progress=False)
+    with pytest.raises(EdgepatchError, match="mask_fn must be"):
+        learn_masks(model, graph, _data(), mask_fn="identity", progress=False)
+    with pytest.raises(EdgepatchError, match="Unknown mask function"):
+        learn_masks(model, graph, _data(), mask_fn="hardconcrete", progress=False)
+    with pytest.raises(EdgepatchError, match="final must be"):
+        learn_masks(model, graph, _data(), final="top", progress=False)
+
+
+def test_model_restored_after_an_exception():
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    before = snapshot(model)
+    calls = []
+
+    def broken(logits, data):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("boom")
+        return logit_diff(logits, data)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        learn_masks(model, graph, _data(), broken, epochs=5, progress=False)
+    assert_same_state(before, snapshot(model))
