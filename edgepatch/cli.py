@@ -136,12 +136,31 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _png_ok() -> bool:
+    """PNG export needs kaleido (and a browser it can drive); HTML always works offline."""
+    import importlib.util
+
+    return importlib.util.find_spec("kaleido") is not None
+
+
+def _maybe(fn: Any) -> float | None:
+    """CPR/CMD exist only for sweeps over MIB's edge fractions (``--counts mib``)."""
+    try:
+        return float(fn())
+    except Exception:
+        return None
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _summary_table(rows: list[dict[str, Any]], counts: list[int]) -> str:
     head = ["method", "clean", "ablated"] + [f"k={c}" for c in counts] + ["CPR", "CMD"]
     lines = [head]
     for r in rows:
         lines.append([r["method"], f"{r['clean']:.3f}", f"{r['ablated']:.3f}"] + [f"{v:.2f}" for v in r["faithfulness"]]
-                     + [f"{r['cpr']:.3f}", f"{r['cmd']:.3f}"])
+                     + [_fmt(r["cpr"]), _fmt(r["cmd"])])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in lines)
 
@@ -166,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
     args.task = _check_choice("task", args.task, TASKS)
     if args.n_prompts < 1 or args.batch_size < 1:
         raise CliError(f"--n-prompts and --batch-size must be >= 1; got {args.n_prompts} and {args.batch_size}.")
-    ep.get_metric(args.metric)  # fails early with suggestions
+    try:
+        ep.get_metric(args.metric)  # fails early with suggestions
+    except ValueError as err:
+        raise CliError(f"--metric: {err}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
@@ -217,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
             results[method] = result
             faith = [float(v) for v in result.normalized]
             rows.append({"method": method, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
-                         "faithfulness": faith, "cpr": float(result.cpr()), "cmd": float(result.cmd())})
+                         "faithfulness": faith, "cpr": _maybe(result.cpr), "cmd": _maybe(result.cmd),
+                         "auc_log": _maybe(lambda: result.auc(log_x=True))})
             # the smallest circuit reaching 80% normalized faithfulness
             eff = [int(c) for c in result.effective_counts]
             reach = [c for c, f in zip(eff, faith) if f >= 0.8]
@@ -225,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
             if reach:
                 fig = plots.plot_circuit(scores, k=min(reach))
                 plots.save_figure(fig, out / f"circuit_{method}.html")
-                plots.save_figure(fig, out / f"circuit_{method}.png")
+                if _png_ok():
+                    plots.save_figure(fig, out / f"circuit_{method}.png")
     except KeyboardInterrupt:
         record["status"] = "interrupted"
         record["timings"]["total_s"] = time.perf_counter() - t_start
@@ -235,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     fig = plots.plot_faithfulness({m.upper(): r for m, r in results.items()})
     plots.save_figure(fig, out / "faithfulness.html")
-    png = plots.save_figure(fig, out / "faithfulness.png")
+    png = plots.save_figure(fig, out / "faithfulness.png") if _png_ok() else False
     counts = [int(c) for c in next(iter(results.values())).effective_counts]
     print()
     print(f"metric {args.metric}, {args.direction}, ablation {args.ablation}; normalized faithfulness per edge count:")

@@ -1,0 +1,85 @@
+"""The `edgepatch` command end to end: outputs, resume after an interruption, bad options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgepatch import cli
+
+FAST = ["--model", "random:tiny", "--task", "induction", "--n-prompts", "6", "--batch-size", "4",
+        "--counts", "log", "--no-progress", "--threads", "2"]
+
+
+def test_sweep_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"scores_eap.safetensors", "scores_eap.json", "faithfulness.html", "run.json", "sweep_eap"} <= names
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["options"]["method"] == "eap"
+    assert {"torch", "transformer-lens", "edgepatch"} <= set(record["versions"])
+    assert record["peak_memory_mb"] > 0 and record["timings"]["total_s"] > 0
+    text = capsys.readouterr().out
+    assert "normalized faithfulness per edge count" in text and "CPR" in text and "eap" in text
+    assert "<script src=\"http" not in (out / "faithfulness.html").read_text()[:200000]
+
+
+def test_compare_overlays_methods(tmp_path):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *FAST, "--methods", "eap,random", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert [r["method"] for r in record["results"]] == ["eap", "random"]
+    html = (out / "faithfulness.html").read_text()
+    assert "EAP" in html and "RANDOM" in html
+
+
+def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "resume"
+    import sys
+
+    sweep_mod = sys.modules["edgepatch.sweep"]
+
+    real = sweep_mod.sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "sweep", interrupted)
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert (out / "scores_eap.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(sweep_mod, "sweep", real)
+    import edgepatch as ep
+
+    calls = []
+    original = ep.attribute
+    monkeypatch.setattr(ep, "attribute", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 0
+    assert calls == []  # the scores were not recomputed
+    assert "scores loaded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--method", "eapp"], "unknown method 'eapp'; expected one of .* Did you mean 'eap'"),
+    (["sweep", "--task", "iio"], "unknown task 'iio'.* Did you mean 'ioi'"),
+    (["sweep", "--n-prompts", "0"], "--n-prompts and --batch-size must be >= 1"),
+    (["sweep", "--metric", "logit_dif"], "Did you mean 'logit_diff'"),
+])
+def test_bad_options(argv, message, capsys, tmp_path):
+    code = cli.main([*argv, "--model", "random:tiny", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_sweep_on_smollm2(tmp_path, capsys):
+    out = tmp_path / "smol"
+    assert cli.main(["sweep", "--model", "smollm2-135m", "--task", "ioi", "--method", "eap", "--counts", "mib",
+                     "--n-prompts", "8", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["results"][0]["clean"] > 0  # the real model does IOI
