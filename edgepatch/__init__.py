@@ -8,7 +8,7 @@ Graph(random-tiny, 11 src x 27 dest, 110 edges)
 Everything is importable from the top level; heavy optional parts (plots) import plotly lazily.
 """
 
-from edgepatch import io, metrics, tasks
+from edgepatch import io, metrics, planted, tasks
 from edgepatch.acdc import acdc
 from edgepatch.attribution import attribute, eap, eap_ig, exact_patching
 from edgepatch.baselines import activation_magnitude, random_scores
@@ -22,7 +22,8 @@ from edgepatch.metrics import get_metric, normalized_faithfulness
 from edgepatch.models import random_model
 from edgepatch.patching import Ablation, mean_activations, patch, source_activations, zero_ablation
 from edgepatch.scores import EdgeScores
-from edgepatch.evaluation import roc
+from edgepatch.evaluation import circuit_recovery, roc
+from edgepatch.planted import planted_model, verify_planting
 from edgepatch.plots import plot_circuit, plot_faithfulness, plot_roc, save_figure
 from edgepatch.sweep import SweepResult, edge_counts, sweep
 from edgepatch.weight_masks import apply_subnetwork, sweep_weight_sparsity, train_weight_masks, weight_masks
