@@ -62,10 +62,12 @@ from edgepatch.errors import EdgepatchError, suggest
 from edgepatch.graph import Graph
 from edgepatch.masks import frozen
 from edgepatch.metrics import get_metric
+from edgepatch.graph import dest_groups
 from edgepatch.patching import (
     Ablation,
     _check_graph,
     _Engine,
+    _Probe,
     _slot,
     engine_flags,
     mean_activations,
@@ -163,6 +165,53 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
+class _ProbeProjection(torch.autograd.Function):
+    """Identity on a head's q/k/v projection output ``[batch, pos, head, d_head]``; its backward turns
+    the gradient there into the gradient at each head's *input* and accumulates ``(o - â) · grad``.
+
+    At ``w = 1`` every head of a layer reads the same residual ``r``, so the gradient at head h's input is
+    ``J_norm(r)^T (W^h grad_h)``: the projection's transpose, then the (shared) normalization's backward,
+    recomputed here for all heads at once. This avoids TransformerLens's split-input mode, which would
+    keep per-head copies of every normalization for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, spec: dict) -> Tensor:  # type: ignore[override]
+        ctx.spec = spec
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        sp = ctx.spec
+        W, resid, norm, n, buf, acc, idx = sp["W"], sp["resid"], sp["norm"], sp["n"], sp["buf"], sp["acc"], sp["idx"]
+        h, d_model, d_head = W.shape
+        b, p = grad.shape[:2]
+        g = grad.reshape(b, p, h, d_head)
+        g_norm = torch.einsum("bphd,hmd->bphm", g, W.to(g.dtype))  # grad at the normalization's output
+        with torch.enable_grad():
+            x = resid.detach()[:, :, None, :].expand(b, p, h, d_model).contiguous().requires_grad_(True)
+            (g_in,) = torch.autograd.grad(norm(x), x, g_norm)
+        gh = g_in.permute(2, 0, 1, 3).reshape(h, -1)  # [h, X]
+        acc[:n, idx] += (buf[:n].reshape(n, -1) @ gh.T).to(acc.dtype)
+        return grad, None
+
+
+def _projection_weight(model: Any, layer: int, kind: str, n_out: int) -> Tensor:
+    """``W_Q`` / ``W_K`` / ``W_V`` of a layer as ``[n_out heads, d_model, d_head]`` (key/value heads for
+    grouped-query attention, where HookedTransformer's ``W_K`` is repeated over query heads)."""
+    attn = model.blocks[layer].attn
+    W = getattr(attn, f"W_{kind.upper()}")
+    if W.shape[0] != n_out:
+        raw = getattr(attn, f"_W_{kind.upper()}", None)
+        W = raw if raw is not None and raw.shape[0] == n_out else W[:: W.shape[0] // n_out]
+    return W
+
+
+def _norm_fn(model: Any, layer: int) -> Callable[[Tensor], Tensor]:
+    ln = model.blocks[layer].ln1
+    inner = getattr(ln, "original_component", None)  # TransformerBridge: the HF norm module itself
+    return inner if inner is not None else ln
+
+
 @contextlib.contextmanager
 def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff: Tensor | None = None,
            input_override: Callable[[Tensor], Tensor] | None = None) -> Iterator[_Engine]:
@@ -170,11 +219,15 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
 
     ``fixed_diff`` (``[n_src, batch, pos, d_model]``) replaces the current forward's ``o - â`` (EAP-IG on
     inputs uses the clean differences at every interpolation point). ``input_override`` maps the model's
-    input residual to the one used (interpolated embeddings)."""
+    input residual to the one used (interpolated embeddings). Attention destinations are probed at the
+    q/k/v projection outputs (see :class:`_ProbeProjection`), MLP inputs and logits at their inputs."""
+    from edgepatch.patching import _hook_point
+
     engine = _Engine(model, graph, lambda: torch.ones(graph.n_src, graph.n_dest), ablated, None)
     engine.probe = acc
-    hooks = engine.hook_list()
-    name0, fn0 = hooks[0]
+    source_hooks = engine.hook_list()[: _n_source_hooks(graph)]
+    name0, fn0 = source_hooks[0]
+    resid: dict[int, Tensor] = {}
 
     def on_input(module: Any, inp: Any, out: Tensor) -> Tensor:
         x = input_override(out) if input_override is not None else out
@@ -183,20 +236,44 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
         fn0(module, inp, x)
         if fixed_diff is not None:
             engine.buf = fixed_diff
+        resid[0] = x
         return x
 
-    hooks[0] = (name0, on_input)
-    if fixed_diff is not None:  # the clean differences are given: skip recording the current ones
-        hooks = [hooks[0]] + hooks[1 + _n_source_hooks(graph) - 1:]
+    hooks: list[tuple[str, Callable]] = [(name0, on_input)]
+    if fixed_diff is None:
+        hooks += source_hooks[1:]
+    spec = graph.spec
+    for layer in range(1, spec.n_layers):
+        hooks.append((f"blocks.{layer}.hook_resid_pre",
+                      lambda module, inp, out, layer=layer: resid.__setitem__(layer, out)))
+    d_head = spec.d_head
+    for name, idx, n in dest_groups(graph):
+        if name.endswith(("q_input", "k_input", "v_input")):
+            layer = int(name.split(".")[1])
+            kind = name.split("hook_")[1][0]
+
+            def proj_hook(module: Any, inp: Any, y: Tensor, layer: int = layer, kind: str = kind,
+                          idx: Tensor = idx, n: int = n) -> Tensor:
+                n_out = y.shape[2] if y.ndim == 4 else y.shape[-1] // d_head
+                sp = {"W": _projection_weight(model, layer, kind, n_out).detach(), "resid": resid[layer],
+                      "norm": _norm_fn(model, layer), "n": n, "buf": engine.buf, "acc": acc,
+                      "idx": idx.to(acc.device)}
+                return _ProbeProjection.apply(y, sp)
+
+            hooks.append((f"blocks.{layer}.attn.hook_{kind}", proj_hook))
+        else:
+            def dest_hook(module: Any, inp: Any, x: Tensor, idx: Tensor = idx, n: int = n) -> Tensor:
+                return _Probe.apply(x, acc, engine.buf[:n], idx.to(acc.device), n)
+
+            hooks.append((name, dest_hook))
     slot = _slot(model)
-    with engine_flags(model):
+    flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
+    with engine_flags(model, flags):
         outer = slot.stack[-1] if slot.stack else None
         if outer is not None:
             outer.remove()
         handles = []
         try:
-            from edgepatch.patching import _hook_point
-
             for name, fn in hooks:
                 handles.append(_hook_point(model, name).register_forward_hook(fn))
             yield engine
@@ -204,6 +281,7 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
             for h in handles:
                 h.remove()
             engine._reset()
+            resid.clear()
             if outer is not None:
                 outer.install()
 

@@ -223,31 +223,39 @@ def _set_flag(model: Any, flag: str, value: bool) -> None:
 
 
 @contextlib.contextmanager
-def engine_flags(model: Any) -> Iterator[None]:
-    """Switch on the TransformerLens flags the engine reads (split q/k/v inputs, ``hook_mlp_in``; and
-    ``use_attn_in`` off, which excludes split inputs) and restore them on the outermost exit."""
+def engine_flags(model: Any, want: dict[str, bool] | None = None) -> Iterator[None]:
+    """Set the TransformerLens flags the engine reads (default: split q/k/v inputs and ``hook_mlp_in``
+    on, ``use_attn_in`` off, which excludes split inputs) and restore them on exit. Levels nest like a
+    stack: each restores exactly what it changed."""
     slot = _slot(model)
+    want = dict(_FLAGS) if want is None else want
+    attn_only = bool(getattr(model.cfg, "attn_only", False))
     if slot.depth == 0:
-        saved = {flag: bool(getattr(model.cfg, flag, False)) for flag, _ in _FLAGS}
-        try:
-            for flag, value in _FLAGS:
-                if flag == "use_hook_mlp_in" and bool(getattr(model.cfg, "attn_only", False)):
-                    continue
-                if saved[flag] != value and (hasattr(model.cfg, flag) or hasattr(model, f"set_{flag}")):
-                    _set_flag(model, flag, value)
-        except Exception:
-            _restore_flags(model, saved)
-            raise
-        slot.saved_flags = saved
         slot.saved_bridge = _bridge_capture_state(model)
+    previous = {flag: bool(getattr(model.cfg, flag, False)) for flag, _ in _FLAGS}
+    order = [flag for flag, _ in _FLAGS]  # attn_in off before split on; restore in reverse
     slot.depth += 1
     try:
+        for flag in order:
+            if flag not in want or (flag == "use_hook_mlp_in" and attn_only):
+                continue
+            if previous[flag] != want[flag] and (hasattr(model.cfg, flag) or hasattr(model, f"set_{flag}")):
+                if want[flag] and flag == "use_split_qkv_input" and bool(getattr(model.cfg, "use_attn_in", False)):
+                    _set_flag(model, "use_attn_in", False)
+                _set_flag(model, flag, want[flag])
         yield
     finally:
         slot.depth -= 1
+        _restore_flags(model, previous)
         if slot.depth == 0:
-            _restore_flags(model, slot.saved_flags)
             _restore_bridge_capture_state(model, slot.saved_bridge)
+
+
+def _restore_flags(model: Any, saved: dict[str, bool]) -> None:
+    # split inputs off before attn_in may go back on (TransformerLens refuses both at once)
+    for flag in ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_in"):
+        if flag in saved and bool(getattr(model.cfg, flag, False)) != saved[flag]:
+            _set_flag(model, flag, saved[flag])
 
 
 def _bridge_capture_state(model: Any) -> dict[int, tuple[Any, bool, Any]]:
@@ -269,13 +277,6 @@ def _restore_bridge_capture_state(model: Any, state: dict[int, tuple[Any, bool, 
         attn = module.submodules.get("attn") if getattr(module, "submodules", None) else None
         if attn is not None and hasattr(attn, "_captured_pre_ln_residual"):
             attn._captured_pre_ln_residual = captured
-
-
-def _restore_flags(model: Any, saved: dict[str, bool]) -> None:
-    # split inputs off before attn_in may go back on (TransformerLens refuses both at once)
-    for flag, _ in reversed(_FLAGS):
-        if bool(getattr(model.cfg, flag, False)) != saved[flag]:
-            _set_flag(model, flag, saved[flag])
 
 
 def _hook_point(model: Any, name: str) -> Any:
@@ -485,6 +486,18 @@ class _Engine:
             raise EdgepatchError("patch: a source hook ran before the model's input hook; unsupported model.")
         n = out.shape[0]
         a = self.abl[start : start + n]
+        if self.probe is not None or self.sparse:  # no gradient flows through D: write it in place
+            dst = self.buf[start : start + n]
+            with torch.no_grad():
+                if self.n_circuits and a.shape[1] not in (1, out.shape[1]):
+                    c = self.n_circuits
+                    torch.sub(out.view(n, c, -1, *out.shape[2:]), a[:, None], out=dst.view(n, c, -1, *dst.shape[2:]))
+                else:
+                    torch.sub(out, a, out=dst)
+                if self.sparse and start in self.prefix_sums:
+                    self.prefix_sums[start + n] = self.prefix_sums[start] + dst.sum(0)
+            self.filled = max(self.filled, start + n)
+            return
         if self.n_circuits and a.shape[1] not in (1, out.shape[1]):
             c = self.n_circuits
             diff = (out.view(n, c, -1, *out.shape[2:]) - a[:, None]).view(out.shape)
