@@ -2,8 +2,9 @@
 
 Targets: EAP <= 5x a plain forward (auto-circuit: 41x), peak memory <= 1.6 GB (auto-circuit: 4.1 GB),
 EAP-IG with k steps <= (k + 1) x EAP. GPT-2-small-shaped random model, batch 8 x 16, CPU 2 threads.
-Prints one JSON line. Peak memory is the process's peak resident set (CPU) or peak CUDA allocation
-(GPU), measured right after EAP, so it includes the model's own weights.
+Prints one JSON line. ``peak_memory_mb_eap`` is the process's resident high-water mark during EAP
+(CPU; peak CUDA allocation on GPU), so it includes the model's weights and the runtime
+(``memory_mb_before_eap``); ``eap_extra_memory_mb`` is what EAP itself adds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import edgepatch as ep
-from common import emit, interleaved, parse_args, peak_memory_mb, reset_peak
+from common import current_memory_mb, emit, interleaved, parse_args, peak_memory_mb, reset_peak
 
 
 def main() -> None:
@@ -32,8 +33,11 @@ def main() -> None:
     wrong = torch.randint(0, vocab, (args.batch, 1), generator=gen)
     data = ep.PromptPairs.from_tokens(clean, corrupt, answers, wrong).to(dev)
     opts = dict(batch_size=args.batch, progress=False)
+    with torch.no_grad():
+        model(data.clean)  # warm up: the plain forward's own buffers
     reset_peak(dev)
-    ep.eap(model, graph, data, "logit_diff", **opts)  # first call: peak memory of EAP alone
+    before = current_memory_mb(dev)  # the process with the model loaded
+    ep.eap(model, graph, data, "logit_diff", **opts)
     peak_eap = peak_memory_mb(dev)
     k = args.ig_steps
 
@@ -59,8 +63,9 @@ def main() -> None:
         eap_ig_limit=k + 1,
         target_eap_over_plain=5.0,
         peak_memory_mb_eap=peak_eap,
+        memory_mb_before_eap=before,
+        eap_extra_memory_mb=peak_eap - before,
         target_peak_memory_mb=1600,
-        peak_memory_mb_total=peak_memory_mb(dev),
     )
 
 

@@ -59,13 +59,39 @@ def peak_memory_mb(device: str = "cpu") -> float:
     """Peak resident memory of this process (CPU) or peak CUDA allocation (GPU), in MB."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    try:  # the high-water mark since the last reset_peak (Linux)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split(":")[1].split()[0]) / 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
 def reset_peak(device: str = "cpu") -> None:
+    """Start a new peak measurement (CUDA stats; on Linux CPUs the kernel's resident high-water mark)."""
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def current_memory_mb(device: str = "cpu") -> float:
+    """Memory in use now: resident set (CPU) or allocated CUDA memory."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split(":")[1].split()[0]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def emit(name: str, args: argparse.Namespace, **fields: Any) -> None:

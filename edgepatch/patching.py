@@ -746,6 +746,7 @@ def patch(
     elif positions is not None:
         raise EdgepatchError(f"positions must be None, 'absolute' or a [batch, pos] long tensor; got {type(positions).__name__}.")
 
+    fixed_weights: Tensor | None = None
     if callable(weights) and not isinstance(weights, Tensor):
         weight_fn = weights
     else:
@@ -757,6 +758,7 @@ def patch(
                     f"positions refers to slot {int(slots.max())} but weights has only {n_slots} slots."  # type: ignore[union-attr]
                 )
         weight_fn = lambda: fixed  # noqa: E731
+        fixed_weights = fixed
 
     engine: _Engine
     if positions == "absolute":
@@ -764,8 +766,12 @@ def patch(
     else:
         engine = _Engine(model, graph, weight_fn, ablated, slots)
 
+    flags = None
+    if fixed_weights is not None and not fixed_weights.requires_grad and not _attention_patched(graph, fixed_weights):
+        # every attention input is kept: no need for TransformerLens's (costly) per-head split inputs
+        flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
     slot = _slot(model)
-    with engine_flags(model):
+    with engine_flags(model, flags):
         outer = slot.stack[-1] if slot.stack else None
         if outer is not None:
             outer.remove()
@@ -778,6 +784,18 @@ def patch(
             slot.stack.pop()
             if outer is not None:
                 outer.install()
+
+
+def _attention_patched(graph: Graph, W: Tensor) -> bool:
+    """Whether any weight into an attention input (q/k/v) differs from 1."""
+    g = graph.engine_graph
+    cols = torch.tensor([i for i, d in enumerate(g.dest_names) if d.startswith("a")], dtype=torch.long)
+    Wx = graph.expand(W)
+    if cols.numel() == 0:
+        return False
+    sub = Wx[..., cols.to(Wx.device)]
+    valid = g.valid[:, cols].to(Wx.device)
+    return bool((sub[..., valid] != 1).any())
 
 
 class _AbsoluteEngine(_Engine):

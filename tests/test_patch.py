@@ -412,8 +412,16 @@ def test_flags_restored_when_user_set_them():
     model.set_use_hook_mlp_in(False)
     g = ep.build_graph(model)
     abl = ep.zero_ablation(g)
-    with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
+    with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
         assert model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
+    assert model.cfg.use_split_qkv_input is True and model.cfg.use_hook_mlp_in is False
+    # attention inputs all kept: the engine does not need (costly) split inputs, and turns them off inside
+    W = torch.ones(g.n_src, g.n_dest)
+    W[:, g.dest_index("logits")] = 0
+    with ep.patch(model, g, W, abl):
+        assert not model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
+        with torch.no_grad():
+            model(torch.zeros(1, 3, dtype=torch.long))
     assert model.cfg.use_split_qkv_input is True and model.cfg.use_hook_mlp_in is False
 
 
