@@ -364,9 +364,11 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
                     bar.update(1)
                 continue
             if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
-                with _probe(model, graph, acc, abl):
-                    logits = model(batch.clean)
-                    (m(logits, batch).sum() / n).backward()
+                with _probe(model, graph, acc, abl) as engine:
+                    objective = m(model(batch.clean), batch).sum() / n
+                    engine.abl = None  # the ablated values and the logits are not needed by the backward:
+                    abl = None  # free them before it, which is where EAP's memory peaks
+                    objective.backward()
                 bar.update(1)
                 continue
             # inputs / clean-corrupted: probe with the clean differences o - â

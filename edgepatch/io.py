@@ -1,0 +1,522 @@
+"""Saving and loading scores, circuits and sweep results; MIB / EAP-IG graph JSON export and import.
+
+Context
+-------
+Everything edgepatch saves is a safetensors file (the tensors; never pickle, so loading runs no code) plus
+a JSON sidecar with the same stem (``scores.safetensors`` + ``scores.json``) that says what the tensors are:
+the kind of object, the method and metric, and the graph's spec (the :class:`~edgepatch.graph.ModelSpec`
+fields, ``split_qkv`` and ``level``). The same JSON is also stored in the safetensors header, so the
+tensor file alone is enough to load. ``load_*(path)`` rebuilds the graph from the spec with
+:func:`edgepatch.graph.graph_from_spec`, without the model; pass ``graph=`` to reuse (and check) yours.
+
+MIB / EAP-IG graph JSON
+-----------------------
+The circuit-localization track of MIB (Mueller et al. 2025) and EAP-IG (Hanna et al. 2024;
+``eap.graph.Graph.to_json`` / ``from_json``) exchange graphs as::
+
+    {"cfg": {"n_layers": 12, "n_heads": 12, "parallel_attn_mlp": false, "d_model": 768},
+     "nodes": {"input": {"in_graph": true}, "a0.h0": {"in_graph": false}, ..., "m11": {...}, "logits": {...}},
+     "edges": {"input->a0.h0<q>": {"score": 0.12, "in_graph": false}, ..., "m11->logits": {...}}}
+
+:func:`to_mib_json` writes that format (plus an ``"edgepatch"`` key with the graph spec and the method,
+which EAP-IG ignores); :func:`from_mib_json` reads it into :class:`~edgepatch.scores.EdgeScores`, with
+``circuit_mask`` set from the edges' ``in_graph`` (None when no edge is in the graph). Node ``in_graph`` is
+written as "touches an in-graph edge" (``logits``: always true, as in EAP-IG).
+
+Name mapping. EAP-IG names every attention destination per query head and per input:
+``a{L}.h{H}<q>``, ``<k>``, ``<v>``. edgepatch destinations that stand for several of those are written once
+per MIB edge with the same score and ``in_graph``, and read back as the mean of those edges' scores, in the
+graph if any of them is:
+
+- grouped-query attention: key/value destinations are per key/value head, ``a{L}.kv{G}<k>`` / ``<v>``; MIB
+  names them per query head, ``a{L}.h{H}<k>`` for every head ``H`` of group ``G``
+  (``G = H // (n_heads // n_kv_heads)``);
+- joint graphs (``split_qkv=False``): ``src->a{L}.h{H}`` is written as its ``<q>``, ``<k>`` and ``<v>``
+  edges (with grouped-query attention ``a{L}.h{H}`` is the query input and ``a{L}.kv{G}`` the key/value
+  input, written as the ``<k>`` and ``<v>`` edges of the group's heads);
+- node-level graphs: each source's score is written as the node's ``"score"`` and on all its outgoing edges
+  (a node weight applies to every outgoing edge); reading uses the node scores when present.
+
+EAP-IG graphs always contain MLP nodes; graphs of attention-only models are written without them, and their
+MLP edges are ignored on import.
+
+Example
+-------
+>>> import torch, tempfile, os
+>>> from edgepatch.models import random_model
+>>> from edgepatch.graph import build_graph
+>>> from edgepatch.scores import EdgeScores
+>>> g = build_graph(random_model("tiny"))
+>>> s = EdgeScores(torch.randn(g.n_src, g.n_dest), g, method="random")
+>>> path = os.path.join(tempfile.mkdtemp(), "scores.safetensors")
+>>> save_scores(s, path)
+>>> load_scores(path).scores.nan_to_num().equal(s.scores.nan_to_num())
+True
+>>> d = to_mib_json(s)
+>>> sorted(d), d["edges"]["input->a0.h0<q>"]["in_graph"]
+(['cfg', 'edges', 'edgepatch', 'nodes'], False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from edgepatch.errors import EdgepatchError, shape_str, suggest
+from edgepatch.graph import Graph, ModelSpec, graph_from_spec
+from edgepatch.scores import EdgeScores
+
+__all__ = [
+    "save_scores", "load_scores", "save_circuit", "load_circuit", "save_sweep", "load_sweep",
+    "to_mib_json", "from_mib_json", "graph_to_dict", "graph_from_dict", "mib_edge_names",
+]
+
+_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Graph specs
+# ------------------------------------------------------------------------------------------------------
+def graph_to_dict(graph: Graph) -> dict[str, Any]:
+    """The JSON description of a graph: enough to rebuild it with :func:`graph_from_dict`."""
+    return {
+        "spec": dataclasses.asdict(graph.spec), "split_qkv": graph.split_qkv, "level": graph.level,
+        "n_src": graph.n_src, "n_dest": graph.n_dest, "n_edges": graph.n_edges,
+    }
+
+
+def graph_from_dict(d: Mapping[str, Any]) -> Graph:
+    """Rebuild a graph from :func:`graph_to_dict`'s output (no model needed)."""
+    try:
+        fields = {f.name for f in dataclasses.fields(ModelSpec)}
+        spec = ModelSpec(**{k: v for k, v in d["spec"].items() if k in fields})
+        graph = graph_from_spec(spec, split_qkv=bool(d["split_qkv"]), level=d["level"])
+    except (KeyError, TypeError) as err:
+        raise EdgepatchError(f"Cannot rebuild the graph from {dict(d)!r}: missing or bad field {err}.") from None
+    if "n_edges" in d and graph.n_edges != d["n_edges"]:
+        raise EdgepatchError(
+            f"The saved graph had {d['n_edges']} edges but rebuilding it from its spec gives {graph!r}; the file was "
+            f"written by an incompatible edgepatch version."
+        )
+    return graph
+
+
+def _resolve_graph(saved: Mapping[str, Any] | None, graph: Graph | None, path: Any) -> Graph:
+    if saved is None:
+        if graph is None:
+            raise EdgepatchError(f"{str(path)!r} stores no graph spec; pass graph=ep.build_graph(model).")
+        return graph
+    if graph is None:
+        return graph_from_dict(saved)
+    if not isinstance(graph, Graph):
+        raise EdgepatchError(f"graph must be an edgepatch Graph; got {type(graph).__name__}.")
+    other = graph_from_dict(saved)
+    if other.src_names != graph.src_names or other.dest_names != graph.dest_names:
+        raise EdgepatchError(
+            f"{str(path)!r} was saved for {other!r} (split_qkv={other.split_qkv}, level={other.level!r}) but the "
+            f"given graph is {graph!r} (split_qkv={graph.split_qkv}, level={graph.level!r}). Load it without graph= "
+            f"to get its own graph, or build the graph of the model it was made with."
+        )
+    return graph
+
+
+# ------------------------------------------------------------------------------------------------------
+# safetensors + JSON sidecar
+# ------------------------------------------------------------------------------------------------------
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json")
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors"), p
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON-safe copy: tensors become lists, unknown objects their repr (documented loss)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def _write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    tpath, jpath = _paths(path)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "edgepatch", "kind": kind, "version": _VERSION, **meta}
+    text = json.dumps(header, indent=1)
+    tmp = tpath.with_name(tpath.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"edgepatch": json.dumps(header)})
+    os.replace(tmp, tpath)
+    jtmp = jpath.with_name(jpath.name + ".tmp")
+    jtmp.write_text(text)
+    os.replace(jtmp, jpath)
+    return tpath
+
+
+def _read(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    tpath, jpath = _paths(path)
+    if not tpath.exists():
+        raise EdgepatchError(f"No such file: {str(tpath)!r} (edgepatch saves tensors as .safetensors + a .json sidecar).")
+    with safe_open(str(tpath), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header_meta = (f.metadata() or {}).get("edgepatch")
+    if jpath.exists():
+        meta = json.loads(jpath.read_text())
+    elif header_meta is not None:
+        meta = json.loads(header_meta)
+    else:
+        raise EdgepatchError(f"{str(tpath)!r} has no edgepatch metadata (no {jpath.name} sidecar); it was not saved by edgepatch.")
+    if meta.get("format") != "edgepatch" or meta.get("kind") != kind:
+        loader = {"scores": "load_scores", "circuit": "load_circuit", "sweep": "load_sweep"}.get(meta.get("kind"), "")
+        raise EdgepatchError(
+            f"{str(tpath)!r} holds {meta.get('kind')!r} data, not {kind!r}"
+            + (f"; read it with edgepatch.io.{loader}." if loader else ".")
+        )
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------------------------------------
+# Scores, circuits, sweeps
+# ------------------------------------------------------------------------------------------------------
+def save_scores(scores: EdgeScores, path: str | os.PathLike) -> None:
+    """Save :class:`EdgeScores` to ``path`` (``.safetensors``; a ``.json`` sidecar beside it).
+
+    ``info`` is stored as JSON: tensors become lists and other objects their ``repr``.
+
+    >>> import torch, tempfile, os
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))
+    >>> p = os.path.join(tempfile.mkdtemp(), "eap")
+    >>> save_scores(EdgeScores(torch.ones(g.n_src, g.n_dest), g, method="eap"), p)
+    >>> sorted(os.listdir(os.path.dirname(p)))
+    ['eap.json', 'eap.safetensors']
+    """
+    if not isinstance(scores, EdgeScores):
+        raise EdgepatchError(f"save_scores needs EdgeScores; got {type(scores).__name__}. Save masks with save_circuit.")
+    tensors = {"scores": scores.scores}
+    if scores.circuit_mask is not None:
+        tensors["circuit_mask"] = scores.circuit_mask.bool().to(torch.uint8)
+    _write(path, "scores", tensors, {
+        "method": scores.method, "metric": scores.metric, "info": _jsonable(scores.info),
+        "graph": graph_to_dict(scores.graph),
+    })
+
+
+def load_scores(path: str | os.PathLike, graph: Graph | None = None) -> EdgeScores:
+    """Load :class:`EdgeScores` saved by :func:`save_scores` (the graph is rebuilt unless given)."""
+    tensors, meta = _read(path, "scores")
+    g = _resolve_graph(meta.get("graph"), graph, path)
+    mask = tensors.get("circuit_mask")
+    return EdgeScores(tensors["scores"], g, method=meta.get("method", "unknown"), metric=meta.get("metric", ""),
+                      info=dict(meta.get("info") or {}), circuit_mask=None if mask is None else mask.bool())
+
+
+def save_circuit(mask: Tensor, path: str | os.PathLike, graph: Graph, name: str = "") -> None:
+    """Save a bool circuit mask ``[n_src, n_dest]`` of ``graph``.
+
+    >>> import tempfile, os
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+    >>> save_circuit(g.mask_from_edges(["a0.h1->m1"]), p, g)
+    >>> mask, g2 = load_circuit(p)
+    >>> g2.edges_from_mask(mask)
+    ['a0.h1->m1']
+    """
+    if not isinstance(graph, Graph):
+        raise EdgepatchError(f"save_circuit(mask, path, graph): graph must be an edgepatch Graph; got {type(graph).__name__}.")
+    if not isinstance(mask, Tensor):
+        mask = graph.mask_from_edges(list(mask))
+    graph.check_shape(mask, "mask")
+    if mask.ndim != 2:
+        raise EdgepatchError(f"mask must be [n_src, n_dest]; got {shape_str(mask.shape)}.")
+    m = mask.detach().cpu().bool() & graph.valid
+    _write(path, "circuit", {"mask": m.to(torch.uint8)}, {"name": name, "n_edges_kept": int(m.sum()),
+                                                           "graph": graph_to_dict(graph)})
+
+
+def load_circuit(path: str | os.PathLike, graph: Graph | None = None) -> tuple[Tensor, Graph]:
+    """Load a circuit saved by :func:`save_circuit`: ``(bool mask [n_src, n_dest], graph)``."""
+    tensors, meta = _read(path, "circuit")
+    g = _resolve_graph(meta.get("graph"), graph, path)
+    return tensors["mask"].bool(), g
+
+
+def save_sweep(result: Any, path: str | os.PathLike) -> None:
+    """Save a :class:`~edgepatch.sweep.SweepResult` (per-prompt values included).
+
+    >>> import torch, tempfile, os
+    >>> from edgepatch.sweep import SweepResult
+    >>> r = SweepResult([1], [1], torch.ones(1, 2), torch.ones(2), torch.zeros(2), torch.zeros(0, 1), n_edges=5)
+    >>> p = os.path.join(tempfile.mkdtemp(), "sweep.safetensors")
+    >>> save_sweep(r, p); load_sweep(p).values.tolist()
+    [[1.0, 1.0]]
+    """
+    from edgepatch.sweep import SweepResult
+
+    if not isinstance(result, SweepResult):
+        raise EdgepatchError(f"save_sweep needs a SweepResult; got {type(result).__name__}.")
+    tensors = {
+        "values": result.values.double(), "clean": result.clean.double(), "ablated": result.ablated.double(),
+        "random_values": result.random_values.double(),
+    }
+    meta = {
+        "counts": list(result.counts), "effective_counts": list(result.effective_counts), "n_edges": result.n_edges,
+        **{k: _jsonable(v) for k, v in result.metadata().items()},
+        "graph": None if result.graph is None else graph_to_dict(result.graph),
+    }
+    _write(path, "sweep", tensors, meta)
+
+
+def load_sweep(path: str | os.PathLike, graph: Graph | None = None) -> Any:
+    """Load a :class:`~edgepatch.sweep.SweepResult` saved by :func:`save_sweep` (or by ``sweep(out=...)``:
+    ``load_sweep(out / "result.safetensors")``)."""
+    from edgepatch.sweep import SweepResult
+
+    tensors, meta = _read(path, "sweep")
+    g = None
+    if meta.get("graph") is not None or graph is not None:
+        g = _resolve_graph(meta.get("graph"), graph, path)
+    keys = ("method", "metric", "direction", "ablation", "by", "ties", "higher_is_better", "counts_spec")
+    return SweepResult(
+        counts=list(meta["counts"]), effective_counts=list(meta["effective_counts"]), values=tensors["values"],
+        clean=tensors["clean"], ablated=tensors["ablated"], random_values=tensors["random_values"],
+        n_edges=int(meta["n_edges"]), graph=g, info=dict(meta.get("info") or {}),
+        **{k: meta[k] for k in keys if k in meta},
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# MIB / EAP-IG JSON
+# ------------------------------------------------------------------------------------------------------
+_ATTN_DEST = re.compile(r"a(\d+)\.(h|kv)(\d+)(?:<([qkv])>)?")
+
+
+def mib_edge_names(graph: Graph) -> list[list[str]]:
+    """For every edge of ``graph`` (in ``graph.edge_names`` order; sources at node level), the MIB / EAP-IG
+    edge names it stands for (see the module docstring's name mapping).
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny-gqa"))  # 6 query heads, 2 key/value heads
+    >>> mib_edge_names(g)[g.edge_names.index("input->a0.kv1<k>")]
+    ['input->a0.h3<k>', 'input->a0.h4<k>', 'input->a0.h5<k>']
+    """
+    spec = graph.spec
+    group = spec.n_heads // spec.n_kv_heads
+    eg = graph.engine_graph
+    dest_map: list[list[str]] = []
+    for dest in eg.dest_names:
+        m = _ATTN_DEST.fullmatch(dest)
+        if m is None:
+            dest_map.append([dest])
+            continue
+        layer, kind, idx, qkv = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        if kind == "kv":
+            heads = range(idx * group, (idx + 1) * group)
+            letters = [qkv] if qkv else ["k", "v"]
+            dest_map.append([f"a{layer}.h{h}<{x}>" for x in letters for h in heads])
+        elif qkv:
+            dest_map.append([dest])
+        else:
+            dest_map.append([f"{dest}<{x}>" for x in ("q" if spec.gqa else "qkv")])
+    s_idx, d_idx = eg.edge_index.T.tolist()
+    per_edge = [[f"{eg.src_names[s]}->{n}" for n in dest_map[d]] for s, d in zip(s_idx, d_idx)]
+    if graph.level == "edge":
+        return per_edge
+    out: list[list[str]] = [[] for _ in range(graph.n_src)]
+    for s, names in zip(s_idx, per_edge):
+        out[s].extend(names)
+    return out
+
+
+def _mib_nodes(graph: Graph) -> list[str]:
+    spec = graph.spec
+    nodes = ["input"]
+    for layer in range(spec.n_layers):
+        nodes += [f"a{layer}.h{h}" for h in range(spec.n_heads)]
+        if not spec.attn_only:
+            nodes.append(f"m{layer}")
+    return nodes + ["logits"]
+
+
+def _mib_cfg(graph: Graph) -> dict[str, Any]:
+    spec = graph.spec
+    cfg: dict[str, Any] = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "parallel_attn_mlp": spec.parallel,
+                           "d_model": spec.d_model}
+    if spec.gqa:
+        cfg["n_key_value_heads"] = spec.n_kv_heads
+    return cfg
+
+
+def to_mib_json(
+    scores_or_mask: EdgeScores | Tensor, path: str | os.PathLike | None = None, graph: Graph | None = None
+) -> dict[str, Any]:
+    """Export scores (``EdgeScores``; ``in_graph`` from its ``circuit_mask``, else all false) or a circuit (a
+    bool ``[n_src, n_dest]`` mask with ``graph=``; scores 1.0 on its edges) as MIB / EAP-IG graph JSON.
+    Writes it to ``path`` when given; returns the dict either way.
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))
+    >>> d = to_mib_json(g.mask_from_edges(["a0.h1->m1"]), graph=g)
+    >>> d["edges"]["a0.h1->m1"], d["nodes"]["a0.h1"]
+    ({'score': 1.0, 'in_graph': True}, {'in_graph': True})
+    """
+    if isinstance(scores_or_mask, EdgeScores):
+        graph = scores_or_mask.graph
+        scores = scores_or_mask.scores
+        mask = scores_or_mask.circuit_mask
+        method = scores_or_mask.method
+    elif isinstance(scores_or_mask, Tensor):
+        if graph is None:
+            raise EdgepatchError("to_mib_json(mask) needs the graph: to_mib_json(mask, graph=graph).")
+        graph.check_shape(scores_or_mask, "mask")
+        mask = scores_or_mask.detach().cpu().bool()
+        scores = mask.float()
+        method = "circuit"
+    else:
+        raise EdgepatchError(f"to_mib_json needs EdgeScores or a bool mask tensor; got {type(scores_or_mask).__name__}.")
+    if mask is not None:
+        mask = mask.detach().cpu().bool() & graph.valid
+    flat = graph.to_edges(scores.float().cpu()).tolist()
+    kept = graph.to_edges(mask).tolist() if mask is not None else [False] * graph.n_edges
+    names = mib_edge_names(graph)
+
+    edges: dict[str, dict[str, Any]] = {}
+    for mib, s, k in zip(names, flat, kept):  # node level: every outgoing edge carries the source's values
+        for n in mib:
+            edges[n] = {"score": float(s), "in_graph": bool(k)}
+
+    touched = {"logits"}
+    for n, e in edges.items():
+        if e["in_graph"]:
+            src, dest = n.split("->")
+            touched.add(src)
+            touched.add(dest.split("<")[0])
+    nodes: dict[str, dict[str, Any]] = {n: {"in_graph": n in touched} for n in _mib_nodes(graph)}
+    if graph.level == "node":
+        for src, s in zip(graph.src_names, flat):
+            nodes[src]["score"] = float(s)
+    d = {
+        "cfg": _mib_cfg(graph), "nodes": nodes, "edges": edges,
+        "edgepatch": {"graph": graph_to_dict(graph), "method": method,
+                      "metric": getattr(scores_or_mask, "metric", "")},
+    }
+    if path is not None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(d))
+        os.replace(tmp, p)
+    return d
+
+
+def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Graph, strict: bool = True) -> EdgeScores:
+    """Import MIB / EAP-IG graph JSON as :class:`EdgeScores` of ``graph`` (``circuit_mask`` from the edges'
+    ``in_graph``; None when no edge is in the graph). Scores of several MIB edges that map to one edgepatch
+    edge are averaged (grouped-query key/value heads, joint graphs). ``strict``: raise on graph edges the
+    JSON lacks (else their score is NaN) and on JSON edges the graph lacks (else they are ignored).
+
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))
+    >>> s = from_mib_json(to_mib_json(g.mask_from_edges(["a0.h1->m1"]), graph=g), g)
+    >>> g.edges_from_mask(s.circuit_mask)
+    ['a0.h1->m1']
+    """
+    if not isinstance(graph, Graph):
+        raise EdgepatchError(f"from_mib_json(path, graph): graph must be an edgepatch Graph; got {type(graph).__name__}.")
+    if isinstance(path_or_dict, Mapping):
+        d = path_or_dict
+        where = "the given dict"
+    else:
+        where = repr(str(path_or_dict))
+        try:
+            d = json.loads(Path(path_or_dict).read_text())
+        except FileNotFoundError:
+            raise EdgepatchError(f"No such file: {where}.") from None
+        except json.JSONDecodeError as err:
+            raise EdgepatchError(f"{where} is not valid JSON ({err}).") from None
+    if not isinstance(d, Mapping) or not isinstance(d.get("edges"), Mapping):
+        raise EdgepatchError(
+            f"{where} is not MIB / EAP-IG graph JSON: expected a dict with 'cfg', 'nodes' and 'edges' "
+            f"(edges: {{'src->dest': {{'score': float, 'in_graph': bool}}}})."
+        )
+    cfg = d.get("cfg") or {}
+    spec = graph.spec
+    for key, mine in (("n_layers", spec.n_layers), ("n_heads", spec.n_heads)):
+        if key in cfg and int(cfg[key]) != mine:
+            raise EdgepatchError(
+                f"{where} describes a model with {key}={cfg[key]} but {graph!r} has {key}={mine}; import it into the "
+                f"graph of the model it was made for."
+            )
+    edges: Mapping[str, Any] = d["edges"]
+    names = mib_edge_names(graph)
+    known = {n for group in names for n in group}
+    unknown = [n for n in edges if n not in known and not (spec.attn_only and _touches_mlp(n))]
+    if unknown and strict:
+        raise EdgepatchError(
+            f"{where} has {len(unknown)} edge(s) that {graph!r} lacks, e.g. {unknown[0]!r}."
+            f"{suggest(unknown[0], known)} Use the graph of the model the JSON was made for (split_qkv does not "
+            f"matter), or pass strict=False to ignore them."
+        )
+
+    def score_of(e: Any) -> float:
+        s = e.get("score") if isinstance(e, Mapping) else None
+        return math.nan if s is None else float(s)
+
+    node_scores = None
+    if graph.level == "node":
+        nodes = d.get("nodes") or {}
+        if all(isinstance(nodes.get(s), Mapping) and nodes[s].get("score") is not None for s in graph.src_names):
+            node_scores = [float(nodes[s]["score"]) for s in graph.src_names]
+    flat, kept, missing = [], [], []
+    for i, group in enumerate(names):
+        found = [edges[n] for n in group if n in edges]
+        if not found:
+            missing.append(graph.edge_names[i])
+            flat.append(math.nan)
+            kept.append(False)
+            continue
+        vals = [score_of(e) for e in found]
+        flat.append(sum(vals) / len(vals))
+        kept.append(any(bool(e.get("in_graph", False)) for e in found if isinstance(e, Mapping)))
+    if node_scores is not None:
+        flat = node_scores
+    if missing and strict:
+        raise EdgepatchError(
+            f"{where} lacks {len(missing)} of the {graph.n_edges} edges of {graph!r}, e.g. {missing[0]!r}. Use the "
+            f"graph of the model the JSON was made for, or pass strict=False to give those edges NaN scores."
+        )
+    dense = graph.from_edges(torch.tensor(flat, dtype=torch.float32), fill=math.nan)
+    mask = graph.from_edges(torch.tensor(kept, dtype=torch.bool), fill=False).bool()
+    meta = d.get("edgepatch") if isinstance(d.get("edgepatch"), Mapping) else {}
+    return EdgeScores(dense, graph, method=str(meta.get("method", "mib-json")), metric=str(meta.get("metric", "")),
+                      info={"source": where}, circuit_mask=mask if bool(mask.any()) else None)
+
+
+def _touches_mlp(name: str) -> bool:
+    src, _, dest = name.partition("->")
+    return bool(re.fullmatch(r"m\d+", src) or re.fullmatch(r"m\d+", dest))

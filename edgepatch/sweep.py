@@ -1,0 +1,857 @@
+"""Faithfulness sweeps: how much of the model's behaviour do the top-k edges keep, for many k at once.
+
+Context
+-------
+An edge ranking (attribution scores, learned masks, ...) is judged by the circuits it induces: keep the
+top ``k`` edges, ablate the rest, and measure the task metric. Plotted against ``k`` this is the
+*faithfulness curve* (Hanna et al. 2024; MIB, Mueller et al. 2025). Two directions:
+
+- ``direction="sufficiency"``: keep the top-k edges, ablate all others (the circuit alone);
+- ``direction="necessity"``: ablate the top-k edges, keep all others (the model without the circuit).
+
+Every value is reported raw (per prompt and averaged) and normalized between the full model and the fully
+ablated model::
+
+    faithfulness(k) = (mean metric(circuit_k) - mean metric(ablated)) / (mean metric(clean) - mean metric(ablated))
+
+where ``clean`` is the unpatched forward on the clean prompts (every edge kept) and ``ablated`` the
+forward with every edge ablated (with corrupted-run ablation: exactly the corrupted run). Sufficiency
+curves rise from 0 (k = 0) to 1 (k = all edges); necessity curves fall from 1 to 0.
+
+Intuition for the implementation: everything that does not depend on the circuit is computed once per
+batch of prompts (the clean and the ablated metric and the ablated activations: with corrupted-run
+ablation all three come from one forward of the clean and corrupted prompts together), and many circuits
+are evaluated in one forward by folding a circuit axis into the batch (``weights [C, n_src, n_dest]``,
+``tokens.repeat(C, 1)``, see :func:`edgepatch.patch`). Circuits that are the whole model or nothing reuse
+the clean and ablated values; identical circuits are evaluated once. For the built-in metrics (which read
+one position per prompt) the model only unembeds that position and the prompts are cut after their last
+answer position: right padding and causal attention make both exact.
+
+Counts (:func:`edge_counts`): ``"log"`` (``n`` log-spaced counts from 1 to all edges; 0 is not included,
+because log axes cannot show it, and the k = 0 value is always available as ``result.ablated``),
+``"all"`` (1 .. n_edges), ``"groups"`` (the ends of runs of tied scores, so no tie is ever split),
+``"mib"`` (MIB's 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100 % of the edges, truncated to integers as MIB does:
+``int(fraction * n_edges)``), or a list of counts (ints, or fractions strictly between 0 and 1).
+
+Ties (``ties=``): ``"break"`` (default) takes exactly k edges, breaking ties by edge order as
+:meth:`EdgeScores.order` does; ``"include"`` extends each circuit to the end of the run of scores tied
+with its k-th edge, so a tie is never split (``result.effective_counts`` then says how many edges each
+circuit really holds).
+
+Random baseline: ``random_baseline=D`` draws D random edge orders (seeded by ``seed``) and evaluates their
+top-k circuits at the same effective counts: a curve that any useful ranking should beat.
+
+Resuming: with ``out=folder`` the sweep writes its progress after every chunk of circuits
+(``progress.safetensors``, written to a temporary file and moved into place, so an interruption never
+leaves a half-written file) and its settings (``sweep.json``). Calling ``sweep`` again with the same folder
+and the same settings skips the work already done; different settings raise an error (use another
+folder, or delete it). The finished result is saved as ``result.safetensors`` + ``result.json``
+(:func:`edgepatch.io.load_sweep` reads it).
+
+Example
+-------
+>>> import torch, edgepatch as ep
+>>> from edgepatch.scores import EdgeScores
+>>> from edgepatch.tasks import induction
+>>> model = ep.random_model("tiny"); graph = ep.build_graph(model)
+>>> data = induction(101, n=4, seq_len=4, seed=0)
+>>> scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest), graph, method="random")
+>>> result = sweep(model, graph, scores, data, counts=[0, 10, 110], progress=False)
+>>> result.effective_counts
+[0, 10, 110]
+>>> result.values[0].equal(result.ablated), result.values[-1].equal(result.clean)  # 0 edges, all edges
+(True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from edgepatch.data import PromptPairs
+from edgepatch.errors import EdgepatchError, suggest
+from edgepatch.graph import Graph, model_spec
+from edgepatch.metrics import METRICS, KLDivergence, get_metric, normalized_faithfulness
+from edgepatch.patching import Ablation, _check_graph, patch, source_activations
+from edgepatch.scores import EdgeScores
+
+__all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
+
+COUNT_SPECS = ("all", "log", "groups", "mib")
+DIRECTIONS = ("sufficiency", "necessity")
+TIES = ("break", "include")
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""The edge fractions at which MIB evaluates circuits (``evaluate_area_under_curve`` in MIB-circuit-track)."""
+
+Counts = Union[str, Sequence[Union[int, float]]]
+_FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Edge counts
+# ------------------------------------------------------------------------------------------------------
+def edge_counts(
+    graph: Graph,
+    spec: Counts = "log",
+    scores: EdgeScores | None = None,
+    n: int = 10,
+    by: str = "abs",
+) -> list[int]:
+    """The edge counts a sweep evaluates (see the module docstring for the specs).
+
+    ``"log"``: up to ``n`` log-spaced counts from 1 to ``graph.n_edges`` (rounded, duplicates removed,
+    so small graphs may give fewer; 0 is never included). ``"all"``: 1 .. n_edges. ``"groups"``: where each
+    run of tied ``scores`` ends (needs ``scores``; ``by`` is the ranking; one count per distinct score, so
+    meant for scores with few distinct values such as binary masks or ACDC's kept/removed edges). ``"mib"``: one count per MIB
+    fraction, ``int(f * n_edges)`` (may repeat on tiny graphs). A list: ints are counts, floats strictly
+    between 0 and 1 are fractions of the edges (rounded); order and repeats are kept.
+
+    >>> import edgepatch as ep
+    >>> graph = ep.build_graph(ep.random_model("tiny"))  # 110 edges
+    >>> edge_counts(graph, "log", n=5)
+    [1, 3, 10, 34, 110]
+    >>> edge_counts(graph, [0, 0.5, 110])
+    [0, 55, 110]
+    >>> edge_counts(graph, "mib")
+    [0, 0, 0, 1, 2, 5, 11, 22, 55, 110]
+    """
+    n_edges = graph.n_edges
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(range(1, n_edges + 1))
+        if spec == "log":
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise EdgepatchError(f"n (the number of log-spaced counts) must be a positive int; got {n!r}.")
+            if n == 1 or n_edges == 1:
+                return [n_edges]
+            raw = torch.logspace(0, math.log10(n_edges), n, dtype=torch.float64).round().long()
+            return sorted(set(min(max(int(k), 1), n_edges) for k in raw.tolist()))
+        if spec == "groups":
+            if scores is None:
+                raise EdgepatchError(
+                    "counts='groups' follows runs of tied scores, so it needs the scores: "
+                    "edge_counts(graph, 'groups', scores=scores)."
+                )
+            _check_scores(scores, graph)
+            return list(scores.groups(by))  # type: ignore[arg-type]
+        if spec == "mib":
+            return [int(f * n_edges) for f in MIB_FRACTIONS]
+        raise EdgepatchError(
+            f"Unknown counts spec {spec!r}.{suggest(spec, COUNT_SPECS)} Expected one of {', '.join(map(repr, COUNT_SPECS))} "
+            f"or a list of edge counts (ints) / fractions of the edges (floats between 0 and 1)."
+        )
+    if isinstance(spec, Tensor):
+        spec = spec.tolist()
+    try:
+        items = list(spec)
+    except TypeError:
+        raise EdgepatchError(
+            f"counts must be a spec name ({', '.join(map(repr, COUNT_SPECS))}) or a list of edge counts; "
+            f"got {type(spec).__name__}."
+        ) from None
+    if not items:
+        raise EdgepatchError("counts is an empty list; give at least one edge count, e.g. counts=[10, 100].")
+    out: list[int] = []
+    for i, k in enumerate(items):
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise EdgepatchError(f"counts[{i}] = {k!r} is not a number; give edge counts (ints) or fractions (floats in (0, 1)).")
+        if isinstance(k, float) and 0 < k < 1:
+            out.append(int(round(k * n_edges)))
+            continue
+        if isinstance(k, float) and not k.is_integer():
+            raise EdgepatchError(
+                f"counts[{i}] = {k!r} is neither an edge count (a whole number) nor a fraction strictly between 0 and 1."
+            )
+        k = int(k)
+        if not 0 <= k <= n_edges:
+            raise EdgepatchError(
+                f"counts[{i}] = {k} is out of range: {graph!r} has {n_edges:,} edges. Give counts in 0..{n_edges} "
+                f"or fractions of the edges in (0, 1)."
+            )
+        out.append(k)
+    return out
+
+
+def _check_scores(scores: Any, graph: Graph) -> EdgeScores:
+    if isinstance(scores, Tensor):
+        scores = EdgeScores(scores, graph, method="tensor")
+    if not isinstance(scores, EdgeScores):
+        raise EdgepatchError(
+            f"scores must be EdgeScores (from ep.attribute(...)) or a [n_src, n_dest] tensor; got {type(scores).__name__}."
+        )
+    g = scores.graph
+    if g is not graph and (g.src_names != graph.src_names or g.dest_names != graph.dest_names):
+        raise EdgepatchError(
+            f"The scores were computed on {g!r} but the sweep runs on {graph!r}; score the edges of this graph "
+            f"(same model, split_qkv and level)."
+        )
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------------
+# The result
+# ------------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class SweepResult:
+    """Metric values of the circuits of one ranking at several edge counts.
+
+    Fields: ``counts`` (requested), ``effective_counts`` (edges actually in each circuit), ``values``
+    (``[n_counts, n_prompts]`` metric per prompt), ``clean`` / ``ablated`` (``[n_prompts]``: every edge kept /
+    every edge ablated), ``random_values`` (``[n_draws, n_counts]``, mean over prompts of random circuits of
+    the same effective counts), ``n_edges`` and metadata (``method``, ``metric``, ``direction``, ``ablation``,
+    ``by``, ``ties``, ``higher_is_better``, ``counts_spec``, ``info``).
+
+    Derived: ``mean`` (``[n_counts]``), ``clean_mean``, ``ablated_mean``, ``normalized`` (faithfulness, see the
+    module docstring), ``random_normalized`` (``[n_draws, n_counts]``), ``fractions`` (effective / n_edges).
+    """
+
+    counts: list[int]
+    effective_counts: list[int]
+    values: Float[Tensor, "n_counts n_prompts"]
+    clean: Float[Tensor, "n_prompts"]
+    ablated: Float[Tensor, "n_prompts"]
+    random_values: Float[Tensor, "n_draws n_counts"]
+    n_edges: int
+    method: str = "unknown"
+    metric: str = "logit_diff"
+    direction: str = "sufficiency"
+    ablation: str = "corrupt"
+    by: str = "abs"
+    ties: str = "break"
+    higher_is_better: bool = True
+    counts_spec: str = "list"
+    graph: Graph | None = field(default=None, repr=False)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived -----------------------------------------------------------------------------------
+    @property
+    def n_prompts(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def mean(self) -> Tensor:
+        """``[n_counts]`` mean metric over prompts."""
+        return self.values.mean(1)
+
+    @property
+    def clean_mean(self) -> float:
+        return float(self.clean.mean())
+
+    @property
+    def ablated_mean(self) -> float:
+        return float(self.ablated.mean())
+
+    @property
+    def normalized(self) -> Tensor:
+        """``[n_counts]`` normalized faithfulness ``(mean - ablated) / (clean - ablated)``."""
+        return normalized_faithfulness(self.mean, torch.tensor(self.clean_mean, dtype=self.mean.dtype),
+                                       torch.tensor(self.ablated_mean, dtype=self.mean.dtype))
+
+    @property
+    def random_normalized(self) -> Tensor:
+        """``[n_draws, n_counts]`` normalized faithfulness of the random circuits."""
+        if self.random_values.numel() == 0:
+            return self.random_values.clone()
+        return normalized_faithfulness(self.random_values, torch.tensor(self.clean_mean, dtype=self.random_values.dtype),
+                                       torch.tensor(self.ablated_mean, dtype=self.random_values.dtype))
+
+    @property
+    def fractions(self) -> list[float]:
+        """Effective edge counts as fractions of all edges."""
+        return [k / self.n_edges for k in self.effective_counts]
+
+    # ---- summaries (edgepatch.summary) ---------------------------------------------------------------
+    def auc(self, log_x: bool = False, normalized: bool = True) -> float:
+        """Area under the faithfulness curve per unit of x (see :func:`edgepatch.summary.area_under_curve`)."""
+        from edgepatch.summary import area_under_curve
+
+        return area_under_curve(self, log_x=log_x, normalized=normalized)
+
+    def cpr(self) -> float:
+        """MIB's CPR (see :func:`edgepatch.summary.cpr`)."""
+        from edgepatch.summary import cpr
+
+        return cpr(self)
+
+    def cmd(self) -> float:
+        """MIB's CMD (see :func:`edgepatch.summary.cmd`)."""
+        from edgepatch.summary import cmd
+
+        return cmd(self)
+
+    # ---- export ------------------------------------------------------------------------------------
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per count: count, edges, fraction, value (mean), faithfulness, clean, ablated,
+        random baseline mean/std (normalized; NaN without draws) and the metadata.
+
+        >>> r = SweepResult([1], [1], torch.tensor([[1.0, 3.0]]), torch.tensor([4.0, 4.0]), torch.tensor([0.0, 0.0]),
+        ...                 torch.zeros(0, 1), n_edges=10)
+        >>> r.to_records()[0]["faithfulness"]
+        0.5
+        """
+        norm = self.normalized.tolist()
+        rnd = self.random_normalized
+        r_mean = rnd.mean(0).tolist() if rnd.shape[0] else [math.nan] * len(self.counts)
+        r_std = rnd.std(0).tolist() if rnd.shape[0] > 1 else [math.nan] * len(self.counts)
+        out = []
+        for i, (k, e) in enumerate(zip(self.counts, self.effective_counts)):
+            out.append({
+                "method": self.method, "metric": self.metric, "direction": self.direction, "ablation": self.ablation,
+                "count": k, "edges": e, "fraction": e / self.n_edges, "value": float(self.mean[i]),
+                "faithfulness": norm[i], "clean": self.clean_mean, "ablated": self.ablated_mean,
+                "random_faithfulness_mean": r_mean[i], "random_faithfulness_std": r_std[i],
+            })
+        return out
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` of :meth:`to_records` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                "SweepResult.to_pandas needs pandas, which is not installed. Install it (pip install pandas), "
+                "or use result.to_records() (a list of dicts) or result.to_dict()."
+            ) from None
+        return pd.DataFrame(self.to_records())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-serializable lists and numbers (per-prompt values included)."""
+        return {
+            "counts": list(self.counts), "effective_counts": list(self.effective_counts), "n_edges": self.n_edges,
+            "values": self.values.tolist(), "mean": self.mean.tolist(), "normalized": self.normalized.tolist(),
+            "clean": self.clean.tolist(), "ablated": self.ablated.tolist(), "clean_mean": self.clean_mean,
+            "ablated_mean": self.ablated_mean, "random_values": self.random_values.tolist(),
+            "random_normalized": self.random_normalized.tolist(), **self.metadata(),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "metric": self.metric, "direction": self.direction, "ablation": self.ablation,
+            "by": self.by, "ties": self.ties, "higher_is_better": self.higher_is_better,
+            "counts_spec": self.counts_spec, "info": self.info,
+        }
+
+    def __repr__(self) -> str:
+        norm = self.normalized
+        rng = f"{float(norm.nan_to_num(0).min()):.2f}..{float(norm.nan_to_num(0).max()):.2f}" if norm.numel() else "-"
+        rnd = f", {self.random_values.shape[0]} random draws" if self.random_values.shape[0] else ""
+        return (
+            f"SweepResult({self.method}, {self.metric}, {self.direction}, {self.ablation}: {len(self.counts)} counts x "
+            f"{self.n_prompts} prompts, faithfulness {rng}{rnd})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers: fingerprints, progress files, fast logits
+# ------------------------------------------------------------------------------------------------------
+def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    h.update(t.numpy().tobytes())
+
+
+def _hash_obj(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        _hash_tensor(h, obj)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _hash_obj(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _hash_obj(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def _data_hash(data: PromptPairs) -> str:
+    h = hashlib.sha256()
+    for t in (data.clean, data.corrupt, data.answers, data.wrong, data.answer_pos, data.attention_mask):
+        _hash_tensor(h, t)
+    _hash_obj(h, data.meta)
+    return h.hexdigest()[:16]
+
+
+def _scores_hash(scores: EdgeScores) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, scores.scores)
+    return h.hexdigest()[:16]
+
+
+def _model_checksum(model: Any) -> str:
+    """Architecture + a cheap checksum of the first and last parameter tensors (not a full weight hash)."""
+    params = list(model.parameters())
+    parts = [f"{sum(p.numel() for p in params)}"]
+    for p in (params[0], params[-1]):
+        parts.append(f"{float(p.detach().double().sum()):.6g}")
+    return ",".join(parts)
+
+
+def _metric_name(metric: Any, resolved: Any) -> str:
+    if isinstance(metric, str):
+        return metric
+    return str(getattr(resolved, "metric_name", None) or getattr(resolved, "__name__", None) or type(resolved).__name__)
+
+
+def _is_builtin(resolved: Any) -> bool:
+    """Built-in metrics read only ``answer_pos``, so the sweep may unembed that position alone."""
+    if isinstance(resolved, KLDivergence):
+        return type(resolved) is KLDivergence
+    return any(resolved is m for m in METRICS.values())
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _answer_logits(model: Any, answer_pos: Tensor | None) -> Iterator[None]:
+    """While open, ``model(tokens)`` returns logits ``[rows, 1, d_vocab]`` at ``answer_pos`` only (repeated
+    over folded circuits): a pre-hook gathers the unembedding's input, so the other positions are never
+    unembedded. ``answer_pos=None`` or a model without ``unembed``: no change."""
+    unembed = getattr(model, "unembed", None)
+    if answer_pos is None or not isinstance(unembed, torch.nn.Module):
+        yield
+        return
+    n = answer_pos.shape[0]
+
+    def pre(module: Any, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 3 or args[0].shape[0] % n:
+            return None
+        x = args[0]
+        rows = x.shape[0]
+        ap = answer_pos.to(x.device).repeat(rows // n)
+        return (x[torch.arange(rows, device=x.device), ap][:, None], *args[1:])
+
+    handle = unembed.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _capture_output(model: Any) -> Iterator[dict[str, Tensor]]:
+    """Record the model's output of the forwards run while open (a plain module hook, removed on exit)."""
+    store: dict[str, Tensor] = {}
+
+    def hook(module: Any, inp: Any, out: Any) -> None:
+        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+        if isinstance(logits, Tensor):
+            store["out"] = logits
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def _rows_per_forward(model: Any, graph: Graph, pos: int, fast: bool, budget_mb: float) -> int:
+    """How many (prompt, circuit) rows fit in ``budget_mb``: per row the engine's difference buffer
+    (n_src x pos x d_model), the transient activations of one layer (split q/k/v inputs, MLP, attention
+    pattern) and the logits."""
+    spec = graph.spec
+    elt = next(model.parameters()).element_size()
+    d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * spec.d_model)
+    per_pos = graph.engine_graph.n_src * spec.d_model + 8 * spec.n_heads * spec.d_model + 4 * d_mlp + 2 * spec.n_heads * pos
+    row = elt * (pos * per_pos + (1 if fast else pos) * spec.d_vocab)
+    return max(1, int(budget_mb * 2**20 // row))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """The circuits to evaluate. ``ranks[o]`` is the rank of every edge under order ``o`` (0: the scores,
+    1..D: random draws); item ``(o, k)`` keeps ``rank < k`` (sufficiency) or ``rank >= k`` (necessity);
+    ``(-1, 0)`` is the all-ablated circuit (for ablations other than the corrupted run)."""
+
+    ranks: Tensor  # [n_orders, n_edges] long
+    items: list[tuple[int, int]]
+    index: dict[tuple[int, int], int]
+
+
+def sweep(
+    model: Any,
+    graph: Graph,
+    scores: EdgeScores,
+    data: PromptPairs,
+    counts: Counts = "log",
+    metric: Any = "logit_diff",
+    ablation: Any = "corrupt",
+    direction: Literal["sufficiency", "necessity"] = "sufficiency",
+    by: str = "abs",
+    random_baseline: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_circuits_per_forward: int | None = None,
+    memory_budget_mb: float = 2048,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    ties: Literal["break", "include"] = "break",
+) -> SweepResult:
+    """Evaluate the circuits of ``scores`` at several edge counts (see the module docstring).
+
+    ``counts``: a spec for :func:`edge_counts` (``"log"``, ``"all"``, ``"groups"``, ``"mib"``) or a list.
+    ``metric``: a name or ``(logits, data) -> [batch]``. ``ablation``: ``"corrupt"`` (the corrupted
+    run), ``"mean"`` / ``"pos_mean"`` (mean over the clean prompts, ignoring padding), ``"zero"``, or an
+    :class:`edgepatch.Ablation` (batch 1 broadcasts, or one entry per prompt). ``direction``:
+    ``"sufficiency"`` (keep the top-k, ablate the rest) or ``"necessity"`` (ablate the top-k, keep the
+    rest). ``by``: the ranking (``"abs"``, ``"signed"``, ``"neg"``). ``ties``: ``"break"`` (exactly k edges,
+    ties by edge order) or ``"include"`` (extend to the end of the tied run). ``random_baseline``: number of
+    random edge orders (seeded by ``seed``) to evaluate at the same counts. ``batch_size``: prompts per
+    forward; ``max_circuits_per_forward``: circuits folded into one forward (None: as many as fit in
+    ``memory_budget_mb``, estimated from the engine's per-row buffers). ``out``: a folder for resumable
+    progress and the final result. ``progress``: a ``tqdm.auto`` bar.
+
+    Returns a :class:`SweepResult`; runs under ``torch.no_grad()`` and leaves the model as it was.
+
+    >>> import torch, edgepatch as ep
+    >>> from edgepatch.scores import EdgeScores
+    >>> from edgepatch.tasks import induction
+    >>> model = ep.random_model("tiny"); graph = ep.build_graph(model)
+    >>> data = induction(101, n=4, seq_len=4, seed=0)
+    >>> scores = EdgeScores(torch.rand(graph.n_src, graph.n_dest), graph, method="random")
+    >>> r = sweep(model, graph, scores, data, counts="log", random_baseline=2, progress=False)
+    >>> r.values.shape, r.random_values.shape
+    (torch.Size([10, 4]), torch.Size([2, 10]))
+    """
+    # ---- validate ------------------------------------------------------------------------------------
+    _check_graph(model, graph)
+    scores = _check_scores(scores, graph)
+    if not isinstance(data, PromptPairs):
+        raise EdgepatchError(
+            f"data must be PromptPairs (e.g. ep.tasks.ioi(tokenizer)); got {type(data).__name__}."
+        )
+    d_vocab = int(getattr(model.cfg, "d_vocab", 0) or 0)
+    if d_vocab > 0:
+        data.validate(d_vocab)
+    if direction not in DIRECTIONS:
+        raise EdgepatchError(
+            f"Unknown direction {direction!r}.{suggest(str(direction), DIRECTIONS)} Expected 'sufficiency' (keep the "
+            f"top-k edges, ablate the rest) or 'necessity' (ablate the top-k edges, keep the rest)."
+        )
+    if ties not in TIES:
+        raise EdgepatchError(f"Unknown ties {ties!r}.{suggest(str(ties), TIES)} Expected 'break' or 'include'.")
+    scores.ranking_key(by)  # validates `by`
+    for name, v, lo in (("random_baseline", random_baseline, 0), ("batch_size", batch_size, 1), ("seed", seed, None)):
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            raise EdgepatchError(f"{name} must be an int{'' if lo is None else f' >= {lo}'}; got {v!r}.")
+    if max_circuits_per_forward is not None and (
+        isinstance(max_circuits_per_forward, bool) or not isinstance(max_circuits_per_forward, int) or max_circuits_per_forward < 1
+    ):
+        raise EdgepatchError(f"max_circuits_per_forward must be None or a positive int; got {max_circuits_per_forward!r}.")
+    resolved = get_metric(metric)
+    mname = _metric_name(metric, resolved)
+    spec_name = counts if isinstance(counts, str) else "list"
+    requested = edge_counts(graph, counts, scores=scores, by=by)
+    n_edges = graph.n_edges
+
+    # ---- ablation --------------------------------------------------------------------------------------
+    from edgepatch.attribution import ABLATIONS, AblationSource
+
+    if isinstance(ablation, Ablation):
+        abl_kind = ablation.kind
+        if ablation.n_src != graph.n_src:
+            raise EdgepatchError(
+                f"The given Ablation has {ablation.n_src} sources but {graph!r} has {graph.n_src}; compute it with "
+                f"the same model and graph."
+            )
+        if ablation.values.shape[2] not in (1, data.pos):
+            raise EdgepatchError(
+                f"The given Ablation has {ablation.values.shape[2]} positions but the prompts have {data.pos}; give one "
+                f"value per position or a broadcasting (pos 1) ablation."
+            )
+        h = hashlib.sha256()
+        _hash_tensor(h, ablation.values)
+        abl_id = f"{abl_kind}:{h.hexdigest()[:16]}"
+    elif isinstance(ablation, str) and ablation in ABLATIONS:
+        abl_kind = abl_id = ablation
+    else:
+        raise EdgepatchError(
+            f"Unknown ablation {ablation!r}.{suggest(str(ablation), ABLATIONS)} Expected one of "
+            f"{', '.join(map(repr, ABLATIONS))} or an ep.Ablation."
+        )
+
+    # ---- plan: effective counts, orders, circuits -------------------------------------------------------
+    order = scores.order(by)
+    main_rank = torch.empty_like(order)
+    main_rank[order] = torch.arange(n_edges)
+    if ties == "include":
+        ends = torch.tensor(scores.groups(by), dtype=torch.long)
+        effective = [0 if k == 0 else int(ends[int(torch.searchsorted(ends, k))]) for k in requested]
+    else:
+        effective = list(requested)
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [main_rank]
+    for _ in range(random_baseline):
+        perm = torch.randperm(n_edges, generator=gen)
+        r = torch.empty_like(perm)
+        r[perm] = torch.arange(n_edges)
+        ranks.append(r)
+    trivial = {0, n_edges}
+    items: list[tuple[int, int]] = []
+    if abl_kind != "corrupt":
+        items.append((-1, 0))
+    for o in range(len(ranks)):
+        for k in sorted(set(effective) - trivial):
+            items.append((o, k))
+    plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)})
+
+    fingerprint = {
+        "version": _FORMAT_VERSION,
+        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
+        "model": f"{model_spec(model)}|{_model_checksum(model)}",
+        "counts": requested, "effective_counts": effective, "metric": mname, "direction": direction,
+        "ablation": abl_id, "by": by, "ties": ties, "scores": _scores_hash(scores), "method": scores.method,
+        "data": _data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
+    }
+
+    # ---- state (possibly resumed) ------------------------------------------------------------------------
+    n_prompts = len(data)
+    state = {
+        "values": torch.zeros(len(items), n_prompts, dtype=torch.float64),
+        "done": torch.zeros(len(items), n_prompts, dtype=torch.uint8),
+        "clean": torch.zeros(n_prompts, dtype=torch.float64),
+        "ablated": torch.zeros(n_prompts, dtype=torch.float64),
+        "base_done": torch.zeros(n_prompts, dtype=torch.uint8),
+    }
+    out_dir = Path(out) if out is not None else None
+    progress_path = None
+    if out_dir is not None:
+        progress_path = _open_out(out_dir, fingerprint, state)
+
+    def save_state() -> None:
+        if progress_path is not None:
+            _atomic_save(state, progress_path, {"edgepatch": json.dumps({"fingerprint": fingerprint, "items": items})})
+
+    # ---- run ---------------------------------------------------------------------------------------------
+    fast = _is_builtin(resolved)
+    needs_clean = bool(getattr(resolved, "needs_clean", False))
+    if getattr(model, "training", False):
+        warnings.warn("sweep: the model is in training mode (dropout is active), so values are random; call "
+                      "model.eval() first.", RuntimeWarning, stacklevel=2)
+
+    def pending(sl: slice) -> tuple[bool, list[int]]:
+        need_base = not bool(state["base_done"][sl].all())
+        todo = [i for i in range(len(items)) if not bool(state["done"][i, sl].all())]
+        return need_base, todo
+
+    batches = [slice(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
+    chunk_cap = max_circuits_per_forward
+    work = []
+    for sl in batches:
+        need_base, todo = pending(sl)
+        if need_base or todo:
+            b = sl.stop - sl.start
+            pos = int(data.answer_pos[sl].max()) + 1 if fast else data.pos
+            cap = chunk_cap or max(1, _rows_per_forward(model, graph, pos, fast, memory_budget_mb) // b)
+            chunks = [todo[i : i + cap] for i in range(0, len(todo), cap)]
+            work.append((sl, pos, chunks))
+
+    fixed = None
+    if any(True for _ in work) and abl_kind != "corrupt":
+        with torch.no_grad():
+            fixed = AblationSource(model, graph, data, ablation).fixed
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(c) + 1 for _, _, c in work), desc=f"sweep {scores.method}", disable=not progress,
+               leave=False)
+    try:
+        with torch.no_grad():
+            for sl, pos, chunks in work:
+                _run_batch(model, graph, data, sl, pos, fast, resolved, needs_clean, abl_kind, fixed, plan,
+                           direction, n_edges, chunks, state, save_state, bar)
+    finally:
+        bar.close()
+
+    # ---- assemble ----------------------------------------------------------------------------------------
+    if abl_kind != "corrupt":
+        state["ablated"] = state["values"][plan.index[(-1, 0)]].clone()
+
+    def row(o: int, k: int) -> Tensor:
+        if k in trivial:
+            clean_side = (k == n_edges) == (direction == "sufficiency")
+            return state["clean"] if clean_side else state["ablated"]
+        return state["values"][plan.index[(o, k)]]
+
+    values = torch.stack([row(0, k) for k in effective]) if effective else torch.zeros(0, n_prompts, dtype=torch.float64)
+    random_values = torch.tensor(
+        [[float(row(o, k).mean()) for k in effective] for o in range(1, len(ranks))], dtype=torch.float64
+    ).reshape(random_baseline, len(effective))
+    result = SweepResult(
+        counts=requested, effective_counts=effective, values=values, clean=state["clean"].clone(),
+        ablated=state["ablated"].clone(), random_values=random_values, n_edges=n_edges, method=scores.method,
+        metric=mname, direction=direction, ablation=abl_kind, by=by, ties=ties,
+        higher_is_better=bool(getattr(resolved, "higher_is_better", True)), counts_spec=spec_name, graph=graph,
+        info={"seed": seed, "random_baseline": random_baseline, "scores_metric": scores.metric},
+    )
+    if out_dir is not None:
+        from edgepatch.io import save_sweep
+
+        save_sweep(result, out_dir / "result.safetensors")
+    return result
+
+
+def _open_out(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, Tensor]) -> Path:
+    """Create ``out_dir`` or resume from it: load matching progress into ``state``; raise on other settings."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgepatchError(f"out={str(out_dir)!r} is a file; give a folder for the sweep's progress and result.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "progress.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["edgepatch"])
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:
+            raise EdgepatchError(
+                f"Cannot read the sweep progress in {str(path)!r} ({err}). Delete the folder {str(out_dir)!r} (or use "
+                f"another out=) to start over."
+            ) from None
+        old = meta.get("fingerprint", {})
+        diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
+            raise EdgepatchError(
+                f"out={str(out_dir)!r} holds a sweep with different settings ({shown}"
+                f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
+                f"{str(out_dir)!r} to start over."
+            )
+        for k, v in saved.items():
+            if k in state and state[k].shape == v.shape:
+                state[k] = v.to(state[k].dtype)
+    else:
+        _atomic_write_text(out_dir / "sweep.json", json.dumps({"fingerprint": fingerprint}, indent=1))
+    return path
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _run_batch(
+    model: Any, graph: Graph, data: PromptPairs, sl: slice, pos: int, fast: bool, resolved: Any,
+    needs_clean: bool, abl_kind: str, fixed: Ablation | None, plan: _Plan, direction: str, n_edges: int,
+    chunks: list[list[int]], state: dict[str, Tensor], save_state: Callable[[], None], bar: Any,
+) -> None:
+    """One batch of prompts: clean forward, ablation (and ablated metric), then the pending circuit chunks."""
+    device = next(model.parameters()).device
+    batch = data[sl].to(device)
+    b = len(batch)
+    clean_tok = batch.clean[:, :pos]
+    ap = batch.answer_pos if fast else None
+    mdata = _metric_data(batch) if fast else batch
+    with _answer_logits(model, ap):
+        if abl_kind == "corrupt":
+            # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
+            # ablated) and the corrupted run's source outputs (the ablation)
+            with _capture_output(model) as cap:
+                both = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]))
+            abl = Ablation(both.values[:, b:].contiguous(), both.kind, both.spec)
+            del both
+            both_logits = _at_answer(cap["out"], ap)
+            clean_logits, corrupt_logits = both_logits[:b], both_logits[b:]
+            m = resolved.prepare(clean_logits) if needs_clean else resolved
+            clean_vals = m(clean_logits, mdata).double().cpu()
+            ablated_vals = m(corrupt_logits, mdata).double().cpu()
+        else:
+            clean_logits = _at_answer(model(clean_tok), ap)
+            m = resolved.prepare(clean_logits) if needs_clean else resolved
+            clean_vals = m(clean_logits, mdata).double().cpu()
+            assert fixed is not None
+            abl = fixed.to(device)
+            if abl.values.shape[1] > 1:
+                abl = abl[sl]
+            if abl.values.shape[2] > 1:
+                abl = Ablation(abl.values[:, :, :pos], abl.kind, abl.spec)
+            ablated_vals = None
+        state["clean"][sl] = clean_vals
+        if ablated_vals is not None:
+            state["ablated"][sl] = ablated_vals
+        state["base_done"][sl] = 1
+        save_state()
+        bar.update(1)
+        for chunk in chunks:
+            _evaluate_chunk(model, graph, clean_tok, abl, m, mdata, ap, plan, chunk=chunk, direction=direction, b=b,
+                            sl=sl, state=state)
+            save_state()
+            bar.update(1)
+
+
+def _at_answer(logits: Tensor, answer_pos: Tensor | None) -> Tensor:
+    """Logits ``[rows, 1, d_vocab]`` at the answer positions (a no-op when the model already unembedded only
+    those: see :func:`_answer_logits`)."""
+    if answer_pos is None or logits.shape[1] == 1:
+        return logits
+    rows = logits.shape[0]
+    ap = answer_pos.to(logits.device).repeat(rows // answer_pos.shape[0])
+    return logits[torch.arange(rows, device=logits.device), ap][:, None]
+
+
+def _metric_data(batch: PromptPairs) -> PromptPairs:
+    """The batch as the metric sees it when only the answer position is unembedded (logits [b, 1, V])."""
+    b = len(batch)
+    one = torch.zeros(b, 1, dtype=torch.long, device=batch.device)
+    return PromptPairs(
+        clean=one, corrupt=one, answers=batch.answers, wrong=batch.wrong,
+        attention_mask=torch.ones(b, 1, dtype=torch.bool, device=batch.device),
+        answer_pos=torch.zeros(b, dtype=torch.long, device=batch.device), meta=batch.meta,
+        per_prompt_keys=batch.per_prompt_keys,
+    )
+
+
+def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:
+    """``[C, n_src, n_dest]`` 0/1 weights (1 = kept) of the chunk's circuits."""
+    keep = torch.zeros(len(chunk), graph.n_edges, dtype=torch.bool)
+    for j, i in enumerate(chunk):
+        o, k = plan.items[i]
+        if o < 0:
+            continue  # all ablated
+        top = plan.ranks[o] < k
+        keep[j] = top if direction == "sufficiency" else ~top
+    return graph.from_edges(keep.float())
+
+
+def _evaluate_chunk(
+    model: Any, graph: Graph, tokens: Tensor, abl: Ablation, metric: Any, mdata: PromptPairs, ap: Tensor | None,
+    plan: _Plan, chunk: list[int], direction: str, b: int, sl: slice, state: dict[str, Tensor],
+) -> None:
+    """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded)."""
+    c = len(chunk)
+    W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
+    with patch(model, graph, W[0] if c == 1 else W, abl):
+        logits = _at_answer(model(tokens.repeat(c, 1) if c > 1 else tokens), ap)
+    for j, i in enumerate(chunk):
+        vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()
+        state["values"][i, sl] = vals
+        state["done"][i, sl] = 1

@@ -1,0 +1,252 @@
+"""Saving/loading (safetensors + JSON, no pickle) and MIB / EAP-IG graph JSON export/import."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import cached_model
+from edgepatch.errors import EdgepatchError
+from edgepatch.graph import build_graph
+from edgepatch.io import (
+    from_mib_json,
+    graph_from_dict,
+    graph_to_dict,
+    load_circuit,
+    load_scores,
+    load_sweep,
+    mib_edge_names,
+    save_circuit,
+    save_scores,
+    save_sweep,
+    to_mib_json,
+)
+from edgepatch.scores import EdgeScores
+from edgepatch.sweep import SweepResult
+
+GRAPH_CASES = [
+    ("tiny", True, "edge"),
+    ("tiny", False, "edge"),
+    ("tiny-gqa", True, "edge"),
+    ("tiny-gqa", False, "edge"),
+    ("tiny-parallel", True, "edge"),
+    ("tiny-attn-only", True, "edge"),
+    ("tiny", True, "node"),
+]
+
+
+def graph_of(preset, split=True, level="edge"):
+    return build_graph(cached_model(preset, "hooked"), split_qkv=split, level=level)
+
+
+def random_scores(graph, seed=0, with_mask=True):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(graph.n_src, graph.n_dest, generator=gen)
+    mask = (torch.rand(graph.n_src, graph.n_dest, generator=gen) < 0.3) & graph.valid if with_mask else None
+    return EdgeScores(s, graph, method="eap", metric="logit_diff", info={"steps": 5, "t": torch.tensor([1.0, 2.0])},
+                      circuit_mask=mask)
+
+
+def same(a, b):
+    return torch.equal(a.nan_to_num(123.0), b.nan_to_num(123.0))
+
+
+# ------------------------------------------------------------------------------------------------------
+# safetensors round trips
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, split, level", GRAPH_CASES)
+def test_scores_round_trip_rebuilds_the_graph(tmp_path, preset, split, level):
+    graph = graph_of(preset, split, level)
+    s = random_scores(graph)
+    save_scores(s, tmp_path / "s.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
+    back = load_scores(tmp_path / "s.safetensors")
+    assert back.graph.src_names == graph.src_names and back.graph.dest_names == graph.dest_names
+    assert back.graph.split_qkv == split and back.graph.level == level and back.graph.spec == graph.spec
+    assert same(back.scores, s.scores) and torch.equal(back.circuit_mask, s.circuit_mask)
+    assert (back.method, back.metric) == ("eap", "logit_diff")
+    assert back.info == {"steps": 5, "t": [1.0, 2.0]}  # tensors in info come back as lists
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["kind"] == "scores" and meta["graph"]["split_qkv"] == split
+
+
+def test_scores_load_with_given_graph_and_without_sidecar(tmp_path):
+    graph = graph_of("tiny")
+    s = random_scores(graph, with_mask=False)
+    save_scores(s, tmp_path / "eap")  # no suffix: eap.safetensors + eap.json
+    assert load_scores(tmp_path / "eap", graph=graph).graph is graph
+    (tmp_path / "eap.json").unlink()  # the safetensors header holds the same metadata
+    back = load_scores(tmp_path / "eap.safetensors")
+    assert same(back.scores, s.scores) and back.circuit_mask is None
+    with pytest.raises(EdgepatchError, match=r"was saved for Graph\(random-tiny, 11 src x 27 dest, 110 edges\) "
+                                             r"\(split_qkv=True, level='edge'\) but the given graph is"):
+        load_scores(tmp_path / "eap.safetensors", graph=graph_of("tiny", split=False))
+
+
+def test_files_are_safetensors_not_pickle(tmp_path):
+    graph = graph_of("tiny")
+    save_scores(random_scores(graph), tmp_path / "s.safetensors")
+    raw = (tmp_path / "s.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert {"scores", "circuit_mask", "__metadata__"} <= set(header)
+    assert b"torch._utils" not in raw and not raw.startswith(b"\x80")  # no pickle protocol
+
+
+def test_circuit_round_trip(tmp_path):
+    graph = graph_of("tiny-gqa")
+    names = ["input->a0.kv1<k>", "a0.h4->a1.h2<q>", "m1->logits"]
+    save_circuit(graph.mask_from_edges(names), tmp_path / "c.safetensors", graph, name="toy")
+    mask, g = load_circuit(tmp_path / "c.safetensors")
+    assert g.edges_from_mask(mask) == graph.edges_from_mask(graph.mask_from_edges(names))
+    assert mask.dtype == torch.bool
+    with pytest.raises(EdgepatchError, match="holds 'circuit' data, not 'scores'; read it with edgepatch.io.load_circuit"):
+        load_scores(tmp_path / "c.safetensors")
+
+
+def test_sweep_round_trip(tmp_path):
+    graph = graph_of("tiny")
+    r = SweepResult([0, 5, 110], [0, 6, 110], torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
+                    torch.randn(4, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64), n_edges=110,
+                    method="eap", metric="kl_div", direction="necessity", ablation="mean", by="signed", ties="include",
+                    higher_is_better=False, counts_spec="list", graph=graph, info={"seed": 3})
+    save_sweep(r, tmp_path / "r")
+    back = load_sweep(tmp_path / "r")
+    for f in ("values", "clean", "ablated", "random_values"):
+        assert torch.equal(getattr(back, f), getattr(r, f))
+    assert back.metadata() == r.metadata()
+    assert (back.counts, back.effective_counts, back.n_edges) == (r.counts, r.effective_counts, 110)
+    assert back.graph.dest_names == graph.dest_names
+
+
+def test_graph_dict_round_trip():
+    graph = graph_of("tiny-gqa", split=False)
+    d = json.loads(json.dumps(graph_to_dict(graph)))
+    g = graph_from_dict(d)
+    assert g.edge_names == graph.edge_names and g.spec == graph.spec
+    with pytest.raises(EdgepatchError, match="Cannot rebuild the graph"):
+        graph_from_dict({"split_qkv": True})
+
+
+def test_missing_file_error(tmp_path):
+    with pytest.raises(EdgepatchError, match="No such file"):
+        load_scores(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------
+# MIB / EAP-IG JSON
+# ------------------------------------------------------------------------------------------------------
+def eap_ig_edge_names(n_layers, n_heads, parallel=False, attn_only=False):
+    """EAP-IG's edge list (eap.graph.Graph.from_model), written independently of edgepatch's graph code."""
+    names, stream = [], ["input"]
+    for layer in range(n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
+        for src in stream:
+            names += [f"{src}->{h}<{x}>" for h in heads for x in "qkv"]
+        if attn_only:
+            stream = stream + heads
+            continue
+        mlp_stream = stream if parallel else stream + heads
+        names += [f"{src}->m{layer}" for src in mlp_stream]
+        stream = stream + heads + [f"m{layer}"]
+    return sorted(names + [f"{src}->logits" for src in stream])
+
+
+@pytest.mark.parametrize("preset, split, level", GRAPH_CASES)
+def test_mib_json_uses_eap_ig_names_and_round_trips(tmp_path, preset, split, level):
+    graph = graph_of(preset, split, level)
+    spec = graph.spec
+    s = random_scores(graph)
+    d = to_mib_json(s, tmp_path / "g.json")
+    assert sorted(d["edges"]) == eap_ig_edge_names(spec.n_layers, spec.n_heads, spec.parallel, spec.attn_only)
+    assert d["cfg"] == {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "parallel_attn_mlp": spec.parallel,
+                        "d_model": spec.d_model, **({"n_key_value_heads": spec.n_kv_heads} if spec.gqa else {})}
+    assert d["nodes"]["logits"] == {"in_graph": True}
+    assert set(d["nodes"]) == {"input", "logits"} | {e.split("->")[0] for e in d["edges"]}
+    assert all(set(e) == {"score", "in_graph"} for e in d["edges"].values())
+    on_disk = json.loads((tmp_path / "g.json").read_text())
+    assert on_disk == json.loads(json.dumps(d))
+    back = from_mib_json(tmp_path / "g.json", graph)
+    torch.testing.assert_close(back.scores, s.scores, equal_nan=True)
+    assert torch.equal(back.circuit_mask, s.circuit_mask)
+    assert back.method == "eap"
+
+
+def test_mib_json_gqa_mapping_duplicates_and_averages():
+    graph = graph_of("tiny-gqa")  # 6 query heads, 2 key/value heads: heads 3, 4, 5 share kv1
+    flat = torch.zeros(graph.n_edges)
+    i = graph.edge_names.index("input->a0.kv1<v>")
+    flat[i] = 0.5
+    mask = graph.from_edges((flat != 0).float(), fill=0).bool()
+    d = to_mib_json(EdgeScores(graph.from_edges(flat), graph, circuit_mask=mask))
+    for h in (3, 4, 5):
+        assert d["edges"][f"input->a0.h{h}<v>"] == {"score": 0.5, "in_graph": True}
+    assert d["edges"]["input->a0.h2<v>"] == {"score": 0.0, "in_graph": False}
+    assert d["nodes"]["a0.h4"]["in_graph"] and not d["nodes"]["a0.h1"]["in_graph"]
+    # MIB-side per-head values that differ: edgepatch gets their mean, in the graph if any head's edge is
+    d["edges"]["input->a0.h3<v>"] = {"score": 0.1, "in_graph": False}
+    d["edges"]["input->a0.h4<v>"] = {"score": 0.2, "in_graph": False}
+    d["edges"]["input->a0.h5<v>"] = {"score": 0.6, "in_graph": True}
+    back = from_mib_json(d, graph)
+    assert back.flat[i].item() == pytest.approx(0.3)
+    assert graph.edges_from_mask(back.circuit_mask) == ["input->a0.kv1<v>"]
+
+
+def test_mib_json_joint_graph_reads_split_json():
+    split, joint = graph_of("tiny"), graph_of("tiny", split=False)
+    d = to_mib_json(random_scores(split, with_mask=False))
+    back = from_mib_json(d, joint)  # the joint edge's score is the mean of its q, k and v edges
+    e = "a0.h1->a1.h2"
+    want = sum(d["edges"][f"{e}<{x}>"]["score"] for x in "qkv") / 3
+    assert back.to_dict()[e] == pytest.approx(want)
+    assert back.circuit_mask is None  # nothing was in the graph
+
+
+def test_mib_json_node_level_scores():
+    graph = graph_of("tiny", level="node")
+    s = random_scores(graph)
+    d = to_mib_json(s)
+    assert d["nodes"]["a0.h2"]["score"] == pytest.approx(float(s.scores[graph.src_index("a0.h2"), 0]))
+    assert d["edges"]["a0.h2->m0"]["score"] == d["nodes"]["a0.h2"]["score"]
+
+
+def test_mib_json_from_a_circuit_mask():
+    graph = graph_of("tiny")
+    mask = graph.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits"])
+    d = to_mib_json(mask, graph=graph)
+    assert [n for n, e in d["edges"].items() if e["in_graph"]] == ["input->a0.h0<q>", "a0.h0->logits"]
+    assert {n for n, v in d["nodes"].items() if v["in_graph"]} == {"input", "a0.h0", "logits"}
+    with pytest.raises(EdgepatchError, match="needs the graph"):
+        to_mib_json(mask)
+
+
+def test_mib_json_import_errors():
+    graph = graph_of("tiny")
+    d = to_mib_json(random_scores(graph, with_mask=False))
+    bad_cfg = {**d, "cfg": {**d["cfg"], "n_layers": 12}}
+    with pytest.raises(EdgepatchError, match="describes a model with n_layers=12 but Graph"):
+        from_mib_json(bad_cfg, graph)
+    extra = {**d, "edges": {**d["edges"], "a0.h9->m1": {"score": 1.0, "in_graph": False}}}
+    with pytest.raises(EdgepatchError, match=r"has 1 edge\(s\) that Graph\(random-tiny.*lacks, e.g. 'a0.h9->m1'\. "
+                                             r"Did you mean"):
+        from_mib_json(extra, graph)
+    from_mib_json(extra, graph, strict=False)
+    fewer = {**d, "edges": {k: v for k, v in d["edges"].items() if k != "m1->logits"}}
+    with pytest.raises(EdgepatchError, match="lacks 1 of the 110 edges .* e.g. 'm1->logits'"):
+        from_mib_json(fewer, graph)
+    lenient = from_mib_json(fewer, graph, strict=False)
+    assert math.isnan(lenient.to_dict()["m1->logits"])
+    with pytest.raises(EdgepatchError, match="is not MIB / EAP-IG graph JSON"):
+        from_mib_json({"nodes": {}}, graph)
+
+
+def test_mib_edge_names_for_attention_only_models_skip_mlps():
+    graph = graph_of("tiny-attn-only")
+    names = {n for group in mib_edge_names(graph) for n in group}
+    assert not any("m0" in n for n in names)
+    d = to_mib_json(random_scores(graph, with_mask=False))
+    d["edges"]["a0.h0->m0"] = {"score": 1.0, "in_graph": True}  # EAP-IG graphs always have MLPs: ignored
+    assert from_mib_json(d, graph).circuit_mask is None

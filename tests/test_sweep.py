@@ -1,0 +1,435 @@
+"""Faithfulness sweeps: endpoints, batched == one-by-one patching, ties, counts, resuming, summaries."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+import edgepatch as ep
+from conftest import assert_unchanged, cached_model, model_snapshot
+from edgepatch.errors import EdgepatchError
+from edgepatch.graph import build_graph
+from edgepatch.metrics import get_metric, logit_diff
+from edgepatch.scores import EdgeScores
+from edgepatch.summary import area_under_curve, cmd, cpr, summarize
+from edgepatch.sweep import MIB_FRACTIONS, SweepResult, edge_counts, sweep
+from edgepatch.tasks import induction
+
+sweep_mod = importlib.import_module("edgepatch.sweep")  # the module (ep.sweep is the function)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared machine; restore the setting after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def setup(preset="tiny", cls="hooked", level="edge", split_qkv=True, n=6, seed=1):
+    model = cached_model(preset, cls)
+    graph = build_graph(model, split_qkv=split_qkv, level=level)
+    data = induction(101, n=n, seq_len=4, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=gen), graph, method="random")
+    return model, graph, data, scores
+
+
+def reference(model, graph, data, masks, metric="logit_diff", ablation="corrupt", direction="sufficiency"):
+    """One plain ep.patch forward per circuit on the full batch and full logits."""
+    if ablation == "corrupt":
+        abl = ep.source_activations(model, graph, data.corrupt)
+    elif ablation == "zero":
+        abl = ep.zero_ablation(graph)
+    else:
+        abl = ep.mean_activations(model, graph, data.clean, data.attention_mask)
+    m = get_metric(metric)
+    out = []
+    with torch.no_grad():
+        if getattr(m, "needs_clean", False):
+            m = m.prepare(model(data.clean))
+        for mask in masks:
+            keep = mask if direction == "sufficiency" else ~mask
+            with ep.patch(model, graph, (keep & graph.valid).float(), abl):
+                out.append(m(model(data.clean), data).double())
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------------
+# edge_counts
+# ------------------------------------------------------------------------------------------------------
+def test_edge_counts_specs():
+    graph = build_graph(cached_model("tiny", "hooked"))  # 110 edges
+    assert graph.n_edges == 110
+    assert edge_counts(graph, "log", n=5) == [1, 3, 10, 34, 110]
+    assert edge_counts(graph, "log", n=1) == [110]
+    assert edge_counts(graph, "all") == list(range(1, 111))
+    assert edge_counts(graph, "mib") == [int(f * 110) for f in MIB_FRACTIONS] == [0, 0, 0, 1, 2, 5, 11, 22, 55, 110]
+    assert edge_counts(graph, [0, 0.5, 110, 3, 3]) == [0, 55, 110, 3, 3]  # order and repeats kept
+    assert edge_counts(graph, [1.0, 2.0]) == [1, 2]  # whole floats are counts, as in EdgeScores.circuit
+
+
+def test_edge_counts_groups_follow_ties():
+    graph = build_graph(cached_model("tiny", "hooked"))
+    flat = torch.zeros(graph.n_edges)
+    flat[:3] = 5.0  # a run of three tied scores ranks first
+    flat[3:5] = 4.0
+    scores = EdgeScores(graph.from_edges(flat), graph)
+    assert edge_counts(graph, "groups", scores=scores) == [3, 5, 110]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("lgo", "Unknown counts spec 'lgo'. Did you mean 'log'?"),
+    ([5, 111], "counts[1] = 111 is out of range: Graph(random-tiny, 11 src x 27 dest, 110 edges) has 110 edges"),
+    ([-1], "counts[0] = -1 is out of range"),
+    ([1.5], "counts[0] = 1.5 is neither an edge count"),
+    (["10"], "counts[0] = '10' is not a number"),
+    ([], "counts is an empty list"),
+    ("groups", "counts='groups' follows runs of tied scores, so it needs the scores"),
+])
+def test_edge_counts_errors(spec, message):
+    graph = build_graph(cached_model("tiny", "hooked"))
+    with pytest.raises(EdgepatchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        edge_counts(graph, spec)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Endpoints and exactness
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_endpoints_equal_clean_and_corrupted_runs(cls):
+    model, graph, data, scores = setup(cls=cls)
+    with torch.no_grad():
+        clean = logit_diff(model(data.clean), data).double()
+        corrupt = logit_diff(model(data.corrupt), data).double()
+    suff = sweep(model, graph, scores, data, counts=[0, graph.n_edges], progress=False)
+    torch.testing.assert_close(suff.clean, clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(suff.ablated, corrupt, atol=1e-5, rtol=0)
+    torch.testing.assert_close(suff.values[0], corrupt, atol=1e-5, rtol=0)  # 0 kept edges = corrupted run
+    torch.testing.assert_close(suff.values[1], clean, atol=1e-5, rtol=0)  # all edges = clean run
+    assert suff.normalized.tolist() == pytest.approx([0.0, 1.0])
+    nec = sweep(model, graph, scores, data, counts=[0, graph.n_edges], direction="necessity", progress=False)
+    torch.testing.assert_close(nec.values[0], clean, atol=1e-5, rtol=0)  # nothing ablated
+    torch.testing.assert_close(nec.values[1], corrupt, atol=1e-5, rtol=0)  # everything ablated
+    assert nec.normalized.tolist() == pytest.approx([1.0, 0.0])
+
+
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+@pytest.mark.parametrize("direction", ["sufficiency", "necessity"])
+def test_batched_circuits_equal_one_by_one_patching(cls, direction):
+    model, graph, data, scores = setup(cls=cls)
+    counts = [1, 4, 17, 60, 109]
+    r = sweep(model, graph, scores, data, counts=counts, direction=direction, batch_size=4,
+              max_circuits_per_forward=3, progress=False)
+    ref = reference(model, graph, data, scores.circuits(counts), direction=direction)
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    assert r.effective_counts == counts and r.values.shape == (5, 6)
+
+
+@pytest.mark.parametrize("preset, cls, level, split", [
+    ("tiny-gqa", "hooked", "edge", True),
+    ("tiny-parallel", "bridge", "edge", False),
+    ("tiny", "hooked", "node", True),
+])
+@pytest.mark.parametrize("metric, ablation", [("kl_div", "corrupt"), ("logit_diff", "zero"), ("prob_diff", "mean")])
+def test_other_models_metrics_and_ablations_match_reference(preset, cls, level, split, metric, ablation):
+    model, graph, data, scores = setup(preset, cls, level=level, split_qkv=split)
+    counts = edge_counts(graph, "log", n=4)
+    r = sweep(model, graph, scores, data, counts=counts, metric=metric, ablation=ablation, batch_size=4,
+              progress=False)
+    ref = reference(model, graph, data, scores.circuits(r.effective_counts), metric, ablation)
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    all_ablated = reference(model, graph, data, [torch.zeros_like(graph.valid)], metric, ablation)[0]
+    torch.testing.assert_close(r.ablated, all_ablated, atol=1e-4, rtol=0)
+    assert r.ablation == ablation and r.metric == metric
+
+
+def test_custom_metric_uses_full_logits():
+    model, graph, data, scores = setup()
+    seen = []
+
+    def my_metric(logits, d):
+        seen.append(tuple(logits.shape))
+        return logit_diff(logits, d)
+
+    r = sweep(model, graph, scores, data, counts=[5, 50], metric=my_metric, progress=False)
+    assert all(s[1] == data.pos for s in seen)  # every position was unembedded for a custom metric
+    ref = reference(model, graph, data, scores.circuits([5, 50]))
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    assert r.metric == "my_metric"
+
+
+def test_explicit_ablation_object_and_model_unchanged(fresh_model):
+    graph = build_graph(fresh_model)
+    data = induction(101, n=4, seq_len=4, seed=0)
+    scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest), graph)
+    before = model_snapshot(fresh_model)
+    abl = ep.source_activations(fresh_model, graph, data.corrupt)
+    a = sweep(fresh_model, graph, scores, data, counts=[3, 30], ablation=abl, batch_size=3, progress=False)
+    b = sweep(fresh_model, graph, scores, data, counts=[3, 30], progress=False)
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+    assert_unchanged(fresh_model, before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ties, groups, random baseline
+# ------------------------------------------------------------------------------------------------------
+def tied_scores(graph):
+    flat = torch.zeros(graph.n_edges)
+    flat[10:13] = 3.0  # ranks 0-2 tie
+    flat[50:52] = -2.0  # ranks 3-4 tie (|score|)
+    flat[7] = 1.0  # rank 5
+    return EdgeScores(graph.from_edges(flat), graph, method="tied")
+
+
+def test_ties_break_by_edge_order_or_include_the_whole_run():
+    model, graph, data, _ = setup()
+    scores = tied_scores(graph)
+    broken = sweep(model, graph, scores, data, counts=[1, 4, 6], progress=False)
+    assert broken.effective_counts == [1, 4, 6]
+    ref = reference(model, graph, data, scores.circuits([1, 4, 6]))  # ties broken by edge order
+    torch.testing.assert_close(broken.values, ref, atol=1e-4, rtol=0)
+    included = sweep(model, graph, scores, data, counts=[1, 4, 6, 0], ties="include", progress=False)
+    assert included.counts == [1, 4, 6, 0]
+    assert included.effective_counts == [3, 5, 6, 0]
+    ref = reference(model, graph, data, scores.circuits([3, 5, 6]))
+    torch.testing.assert_close(included.values[:3], ref, atol=1e-4, rtol=0)
+
+
+def test_groups_counts_never_split_ties():
+    model, graph, data, _ = setup()
+    scores = tied_scores(graph)
+    r = sweep(model, graph, scores, data, counts="groups", progress=False)
+    assert r.counts == r.effective_counts == [3, 5, 6, 110]
+    assert r.counts_spec == "groups"
+    torch.testing.assert_close(r.values[-1], r.clean)
+
+
+def test_identical_circuits_are_evaluated_once(monkeypatch):
+    model, graph, data, scores = setup()
+    evaluated = []
+    real = sweep_mod._evaluate_chunk
+
+    def spy(*args, **kwargs):
+        evaluated.extend(kwargs["chunk"])  # the chunk's item indices
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", spy)
+    r = sweep(model, graph, scores, data, counts=[5, 5, 0, 110, 20], progress=False)
+    assert sorted(evaluated) == [0, 1]  # k = 5 and k = 20; 0 and all edges reuse the ablated / clean runs
+    torch.testing.assert_close(r.values[0], r.values[1])
+
+
+def test_random_baseline_is_seeded_and_matches_manual_draws():
+    model, graph, data, scores = setup()
+    counts = [3, 30, 110]
+    a = sweep(model, graph, scores, data, counts=counts, random_baseline=2, seed=7, progress=False)
+    b = sweep(model, graph, scores, data, counts=counts, random_baseline=2, seed=7, progress=False)
+    c = sweep(model, graph, scores, data, counts=counts, random_baseline=2, seed=8, progress=False)
+    assert a.random_values.shape == (2, 3)
+    torch.testing.assert_close(a.random_values, b.random_values)
+    assert not torch.allclose(a.random_values[:, :2], c.random_values[:, :2])
+    assert a.random_values[:, 2].tolist() == pytest.approx([a.clean_mean] * 2)  # all edges: the clean model
+    gen = torch.Generator().manual_seed(7)
+    perm = torch.randperm(graph.n_edges, generator=gen)  # the first draw
+    masks = []
+    for k in counts[:2]:
+        flat = torch.zeros(graph.n_edges, dtype=torch.bool)
+        flat[perm[:k]] = True
+        masks.append(graph.from_edges(flat, fill=False).bool())
+    ref = reference(model, graph, data, masks).mean(1)
+    torch.testing.assert_close(a.random_values[0, :2], ref, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resuming
+# ------------------------------------------------------------------------------------------------------
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, fresh_model):
+    graph = build_graph(fresh_model)
+    data = induction(101, n=6, seq_len=4, seed=0)
+    scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=torch.Generator().manual_seed(3)), graph)
+    kwargs = dict(counts=edge_counts(graph, "log", n=6), batch_size=4, max_circuits_per_forward=2,
+                  random_baseline=1, progress=False)
+    full = sweep(fresh_model, graph, scores, data, **kwargs)
+    before = model_snapshot(fresh_model)
+
+    real = sweep_mod._evaluate_chunk
+    calls = []
+
+    def interrupt_after_first(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(fresh_model, graph, scores, data, out=tmp_path / "run", **kwargs)
+    assert_unchanged(fresh_model, before)  # hooks removed even though the sweep was interrupted
+    assert (tmp_path / "run" / "progress.safetensors").exists()
+    assert not (tmp_path / "run" / "result.safetensors").exists()
+
+    resumed_chunks = []
+
+    def count(*args, **kw):
+        resumed_chunks.append(list(kw["chunk"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", count)
+    resumed = sweep(fresh_model, graph, scores, data, out=tmp_path / "run", **kwargs)
+    n_items = 2 * len(set(resumed.effective_counts) - {0, graph.n_edges})
+    assert sum(len(c) for c in resumed_chunks) == 2 * n_items - 2  # 2 batches, minus the chunk done before
+    torch.testing.assert_close(resumed.values, full.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.random_values, full.random_values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.clean, full.clean)
+
+    # a finished sweep is read back without any forward
+    def fail(*args, **kw):
+        raise AssertionError("no circuit should be evaluated again")
+
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", fail)
+    again = sweep(fresh_model, graph, scores, data, out=tmp_path / "run", **kwargs)
+    torch.testing.assert_close(again.values, resumed.values)
+    from edgepatch.io import load_sweep
+
+    loaded = load_sweep(tmp_path / "run" / "result.safetensors")
+    torch.testing.assert_close(loaded.values, resumed.values)
+    assert loaded.effective_counts == resumed.effective_counts
+
+
+def test_resume_with_other_settings_raises(tmp_path):
+    model, graph, data, scores = setup()
+    sweep(model, graph, scores, data, counts=[2, 20], out=tmp_path, progress=False)
+    settings = json.loads((tmp_path / "sweep.json").read_text())["fingerprint"]
+    assert settings["metric"] == "logit_diff" and settings["counts"] == [2, 20]
+    with pytest.raises(EdgepatchError, match=r"holds a sweep with different settings \(metric: saved 'logit_diff', "
+                                             r"now 'kl_div'\)\. Use another out folder"):
+        sweep(model, graph, scores, data, counts=[2, 20], metric="kl_div", out=tmp_path, progress=False)
+    with pytest.raises(EdgepatchError, match="counts: saved"):
+        sweep(model, graph, scores, data, counts=[2, 21], out=tmp_path, progress=False)
+    other = EdgeScores(torch.randn(graph.n_src, graph.n_dest), graph)
+    with pytest.raises(EdgepatchError, match="scores: saved"):
+        sweep(model, graph, other, data, counts=[2, 20], out=tmp_path, progress=False)
+    # batch size and chunking are not settings: they only change how the work is split
+    sweep(model, graph, scores, data, counts=[2, 20], out=tmp_path, batch_size=2, max_circuits_per_forward=1,
+          progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(direction="sufficient"), "Unknown direction 'sufficient'. Did you mean 'sufficiency'?"),
+    (dict(ablation="corupt"), "Unknown ablation 'corupt'. Did you mean 'corrupt'?"),
+    (dict(ties="inclusive"), "Unknown ties 'inclusive'. Did you mean 'include'?"),
+    (dict(counts=[200]), "counts[0] = 200 is out of range"),
+    (dict(by="absolute"), "by must be 'abs', 'signed' or 'neg'"),
+    (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
+    (dict(random_baseline=-1), "random_baseline must be an int >= 0; got -1"),
+    (dict(max_circuits_per_forward=0), "max_circuits_per_forward must be None or a positive int; got 0"),
+    (dict(metric="logit_dif"), "Unknown metric 'logit_dif'. Did you mean 'logit_diff'"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    model, graph, data, scores = setup()
+    with pytest.raises(ValueError) as info:
+        sweep(model, graph, scores, data, progress=False, **kwargs)
+    assert message in str(info.value)
+
+
+def test_scores_of_another_graph_raise():
+    model, graph, data, _ = setup()
+    joint = build_graph(model, split_qkv=False)
+    with pytest.raises(EdgepatchError, match="The scores were computed on Graph"):
+        sweep(model, graph, EdgeScores(torch.zeros(joint.n_src, joint.n_dest), joint), data, progress=False)
+
+
+def test_out_must_be_a_folder(tmp_path):
+    model, graph, data, scores = setup()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(EdgepatchError, match="is a file; give a folder"):
+        sweep(model, graph, scores, data, counts=[1], out=f, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Result object and summaries
+# ------------------------------------------------------------------------------------------------------
+def hand_result(counts, f, n_edges=100, direction="sufficiency"):
+    """A result whose normalized faithfulness is exactly ``f`` (clean 1, ablated 0, one prompt)."""
+    return SweepResult(list(counts), list(counts), torch.tensor(f, dtype=torch.float64)[:, None],
+                       torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                       torch.zeros(0, len(counts)), n_edges=n_edges, direction=direction, method="hand")
+
+
+def test_result_exports():
+    model, graph, data, scores = setup()
+    r = sweep(model, graph, scores, data, counts=[1, 10], random_baseline=2, progress=False)
+    recs = r.to_records()
+    assert [x["count"] for x in recs] == [1, 10] and recs[0]["edges"] == 1
+    assert recs[1]["fraction"] == pytest.approx(10 / 110)
+    assert recs[0]["faithfulness"] == pytest.approx(float(r.normalized[0]))
+    json.dumps(r.to_dict())  # JSON-serializable
+    df = r.to_pandas()
+    assert list(df["count"]) == [1, 10]
+    assert "SweepResult(random, logit_diff, sufficiency, corrupt: 2 counts x 6 prompts" in repr(r)
+
+
+def test_to_pandas_without_pandas(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="SweepResult.to_pandas needs pandas"):
+        hand_result([1, 2], [0.0, 1.0]).to_pandas()
+
+
+def test_area_under_curve_hand_values():
+    r = hand_result([0, 50, 100], [0.0, 1.0, 1.0])
+    assert area_under_curve(r) == pytest.approx(0.75)  # trapezoids 0.25 + 0.5 over a range of 1
+    assert area_under_curve(r, normalize_x=False) == pytest.approx(0.75)
+    r = hand_result([1, 10, 100], [0.0, 1.0, 1.0])
+    assert area_under_curve(r, log_x=True) == pytest.approx(0.75)  # equally spaced in ln x
+    assert r.auc(log_x=True) == pytest.approx(0.75)
+    with pytest.raises(EdgepatchError, match="needs at least two distinct edge counts above 0"):
+        area_under_curve(hand_result([0, 5], [0.0, 1.0]), log_x=True)
+
+
+def test_mib_cpr_and_cmd_follow_mib_definition():
+    n = 1000
+    counts = [int(f * n) for f in MIB_FRACTIONS]
+    f = [0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9, 1.1, 1.0, 1.0]
+    r = hand_result(counts, f, n_edges=n)
+    x = list(MIB_FRACTIONS)
+    want_cpr = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(9))
+    want_cmd = sum((x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(9))
+    assert cpr(r) == pytest.approx(want_cpr) and r.cpr() == pytest.approx(want_cpr)
+    assert cmd(r) == pytest.approx(want_cmd) and r.cmd() == pytest.approx(want_cmd)
+    assert summarize(r)["cpr"] == pytest.approx(want_cpr)
+    perfect = hand_result(counts, [1.0] * 10, n_edges=n)
+    assert cmd(perfect) == 0.0 and cpr(perfect) == pytest.approx(0.999)
+    with pytest.raises(EdgepatchError, match="Run ep.sweep\\(..., counts='mib'\\)"):
+        cpr(hand_result([1, 10], [0.0, 1.0]))
+    assert "cpr" not in summarize(hand_result([1, 10], [0.0, 1.0]))
+
+
+def test_mib_sweep_end_to_end():
+    model, graph, data, scores = setup()
+    r = sweep(model, graph, scores, data, counts="mib", progress=False)
+    assert r.counts == edge_counts(graph, "mib")
+    assert math.isfinite(r.cpr()) and math.isfinite(r.cmd())
+
+
+def test_fast_path_falls_back_when_the_unembedding_cannot_be_sliced(monkeypatch):
+    import contextlib
+
+    model, graph, data, scores = setup()
+    fast = sweep(model, graph, scores, data, counts=[4, 40], metric="kl_div", progress=False)
+    monkeypatch.setattr(sweep_mod, "_answer_logits", lambda model, ap: contextlib.nullcontext())
+    slow = sweep(model, graph, scores, data, counts=[4, 40], metric="kl_div", progress=False)
+    torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.ablated, slow.ablated, atol=1e-5, rtol=0)
