@@ -168,10 +168,13 @@ HUB_MESSAGE = (
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge", "auto"])
-def test_hub_unreachable_raises_a_clear_error(model_class, empty_hf_cache):
+def test_hub_unreachable_raises_a_clear_error(model_class, empty_hf_cache, monkeypatch):
     if loading._probe_hub()[0]:
         pytest.skip("the Hugging Face Hub is reachable from here")
     constants = _hub_constants()
+    # The test command exports HF_HUB_OFFLINE=1; this test is about a hub that is *unreachable*.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     env_before, const_before = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
     with pytest.raises(ModelLoadError, match=HUB_MESSAGE) as info:
         load_model("gpt2-small", model_class=model_class, device="cpu")
