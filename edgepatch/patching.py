@@ -668,9 +668,8 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
         bad = torch.isnan(w) & valid
         if bool(bad.any()):
             first = bad.reshape(-1, graph.n_src, graph.n_dest).any(0).nonzero()[0].tolist()
-            name = graph.edge_names[0] if graph.level == "node" else f"{graph.src_names[first[0]]}->{graph.dest_names[first[1]]}"
-            if graph.level == "node":
-                name = graph.src_names[first[0]]
+            name = (graph.src_names[first[0]] if graph.level == "node"
+                    else f"{graph.src_names[first[0]]}->{graph.dest_names[first[1]]}")
             raise EdgepatchError(
                 f"weights contain {int(bad.sum())} NaN value(s) (first at {name!r}). Weights must be numbers in "
                 f"[0, 1]: 1 keeps an edge, 0 ablates it."
