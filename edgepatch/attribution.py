@@ -68,8 +68,7 @@ from edgepatch.patching import (
     _check_graph,
     _Engine,
     _Probe,
-    _slot,
-    engine_flags,
+    activated,
     mean_activations,
     patch,
     source_activations,
@@ -221,8 +220,6 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
     inputs uses the clean differences at every interpolation point). ``input_override`` maps the model's
     input residual to the one used (interpolated embeddings). Attention destinations are probed at the
     q/k/v projection outputs (see :class:`_ProbeProjection`), MLP inputs and logits at their inputs."""
-    from edgepatch.patching import _hook_point
-
     engine = _Engine(model, graph, lambda: torch.ones(graph.n_src, graph.n_dest), ablated, None)
     engine.probe = acc
     source_hooks = engine.hook_list()[: _n_source_hooks(graph)]
@@ -266,24 +263,13 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
                 return _Probe.apply(x, acc, engine.buf[:n], idx.to(acc.device), n)
 
             hooks.append((name, dest_hook))
-    slot = _slot(model)
+    engine.hook_specs = hooks
     flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
-    with engine_flags(model, flags):
-        outer = slot.stack[-1] if slot.stack else None
-        if outer is not None:
-            outer.remove()
-        handles = []
-        try:
-            for name, fn in hooks:
-                handles.append(_hook_point(model, name).register_forward_hook(fn))
+    try:
+        with activated(model, engine, flags):
             yield engine
-        finally:
-            for h in handles:
-                h.remove()
-            engine._reset()
-            resid.clear()
-            if outer is not None:
-                outer.install()
+    finally:
+        resid.clear()
 
 
 def _n_source_hooks(graph: Graph) -> int:

@@ -385,6 +385,7 @@ class _Engine:
         self.n_circuits = 0
         self.plan = dest_groups(graph)
         self.handles: list[Any] = []
+        self.hook_specs: list[tuple[str, Callable]] | None = None  # default: hook_list()
         self._reset()
 
     def _reset(self) -> None:
@@ -412,7 +413,9 @@ class _Engine:
         return hooks
 
     def install(self) -> None:
-        for name, fn in self.hook_list():
+        if self.hook_specs is None:
+            self.hook_specs = self.hook_list()
+        for name, fn in self.hook_specs:
             self.handles.append(_hook_point(self.model, name).register_forward_hook(fn))
 
     def remove(self) -> None:
@@ -769,6 +772,14 @@ def patch(
     if fixed_weights is not None and not fixed_weights.requires_grad and not _attention_patched(graph, fixed_weights):
         # every attention input is kept: no need for TransformerLens's (costly) per-head split inputs
         flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
+    with activated(model, engine, flags):
+        yield
+
+
+@contextlib.contextmanager
+def activated(model: Any, engine: "_Engine", flags: dict[str, bool] | None = None) -> Iterator["_Engine"]:
+    """Make ``engine`` the model's active patch: flags set, the outer engine (if any) suspended, the
+    engine's hooks installed; all undone on exit, also after an exception."""
     slot = _slot(model)
     with engine_flags(model, flags):
         outer = slot.stack[-1] if slot.stack else None
@@ -777,7 +788,7 @@ def patch(
         slot.stack.append(engine)
         try:
             engine.install()
-            yield
+            yield engine
         finally:
             engine.remove()
             slot.stack.pop()
