@@ -80,8 +80,9 @@ SUPPORTED = "a TransformerLens HookedTransformer or TransformerBridge"
 def model_spec(model: object) -> ModelSpec:
     """Read the architecture from a TransformerLens model; raise a clear error for anything else."""
     cfg = getattr(model, "cfg", None)
-    hook_dict = getattr(model, "hook_dict", None)
-    if cfg is None or hook_dict is None or not hasattr(cfg, "n_layers"):
+    # (a class-level check: TransformerBridge rebuilds hook_dict on every access, ~10 ms for GPT-2 small)
+    has_hooks = hasattr(type(model), "hook_dict") or "hook_dict" in getattr(model, "__dict__", {})
+    if cfg is None or not has_hooks or not hasattr(cfg, "n_layers"):
         raise EdgepatchError(
             f"edgepatch needs {SUPPORTED}; got an object of type {type(model).__module__}.{type(model).__qualname__}. "
             "Load the model with edgepatch.load_model(name), transformer_lens.HookedTransformer.from_pretrained(name), "

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -60,11 +61,16 @@ Weights = Union[Tensor, Iterable[str]]
 @dataclass
 class Ablation:
     """Ablated source outputs ``â``: ``values`` is ``[n_src, batch, pos, d_model]``, where batch and pos
-    may be 1 to broadcast (zero and mean ablation). ``kind`` says how they were made."""
+    may be 1 to broadcast (zero and mean ablation). ``kind`` says how they were made.
+
+    ``projections`` (corrupted-run ablations only): that run's q/k/v projections, ``"{layer}{q|k|v}"`` ->
+    ``[batch, pos, heads, d_head]``. A head input whose edges are all ablated reads exactly what it read
+    in the corrupted run, so the patched forward takes its projection from here instead of recomputing it."""
 
     values: Float[Tensor, "n_src batch pos d_model"]
     kind: str
     spec: ModelSpec
+    projections: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.values.ndim != 4:
@@ -76,21 +82,31 @@ class Ablation:
     def n_src(self) -> int:
         return int(self.values.shape[0])
 
+    def _map(self, values: Callable[[Tensor], Tensor], proj: Callable[[Tensor], Tensor]) -> "Ablation":
+        projections = None if self.projections is None else {k: proj(v) for k, v in self.projections.items()}
+        return Ablation(values(self.values), self.kind, self.spec, projections)
+
     def to(self, device: Any = None, dtype: Any = None) -> "Ablation":
-        return Ablation(self.values.to(device=device, dtype=dtype), self.kind, self.spec)
+        return self._map(lambda v: v.to(device=device, dtype=dtype), lambda v: v.to(device=device, dtype=dtype))
+
+    def contiguous(self) -> "Ablation":
+        """A copy that owns its memory (e.g. after selecting prompts from a larger run)."""
+        return self._map(Tensor.contiguous, Tensor.contiguous)
 
     def __getitem__(self, index: Any) -> "Ablation":
         """Select prompts (batch entries); broadcast (batch 1) ablations are returned as they are."""
         if self.values.shape[1] == 1:
             return self
-        return Ablation(self.values[:, index], self.kind, self.spec)
+        return self._map(lambda v: v[:, index], lambda v: v[index])
 
     def __repr__(self) -> str:
         return f"Ablation({self.kind}, {shape_str(self.values.shape)})"
 
 
-def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None]) -> list[tuple[str, Callable]]:
-    """Forward hooks that report every source's output ``[n, batch, pos, d_model]`` to ``sink(start, t)``."""
+def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None],
+                  skip: Callable[[], bool] | None = None) -> list[tuple[str, Callable]]:
+    """Forward hooks that report every source's output ``[n, batch, pos, d_model]`` to ``sink(start, t)``
+    (head outputs are not computed while ``skip()`` is true)."""
     spec = graph.spec
     hooks: list[tuple[str, Callable]] = []
 
@@ -102,7 +118,8 @@ def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None])
         start = graph.head_src_slice(layer).start
 
         def on_z(module: Any, inp: Any, z: Tensor, layer: int = layer, start: int = start) -> None:
-            sink(start, head_outputs(model, layer, z))
+            if skip is None or not skip():
+                sink(start, head_outputs(model, layer, z))
 
         hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
         if not spec.attn_only:
@@ -124,9 +141,12 @@ def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head
 
 
 @torch.no_grad()
-def source_activations(model: Any, graph: Graph, tokens: Tensor, **forward_kwargs: Any) -> Ablation:
+def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections: bool = True,
+                       **forward_kwargs: Any) -> Ablation:
     """Run ``model(tokens)`` unpatched and record every source's output: the ablated values of
-    corrupted-run patching. ``forward_kwargs`` (e.g. ``attention_mask``) go to the model.
+    corrupted-run patching. ``forward_kwargs`` (e.g. ``attention_mask``) go to the model. With
+    ``projections`` (and a model whose q/k/v the engine can recompute), also record the q/k/v
+    projections, which fully ablated head inputs reuse (see :class:`Ablation`).
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -144,9 +164,18 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, **forward_kwarg
             out["buf"] = t.new_empty(graph.n_src, b, p, m)
         out["buf"][start : start + t.shape[0]] = t
 
-    with _hooks_installed(model, _source_hooks(model, graph.engine_graph, sink)):
+    hooks = _source_hooks(model, graph.engine_graph, sink)
+    proj: dict[str, Tensor] = {}
+    if projections and projections_of(model) is not None:
+        for layer in range(spec.n_layers):
+            for kind in "qkv":
+                def record(module: Any, inp: Any, y: Tensor, key: str = f"{layer}{kind}") -> None:
+                    proj[key] = (y.unflatten(-1, (-1, spec.d_head)) if y.ndim == 3 else y).contiguous()
+
+                hooks.append((f"blocks.{layer}.attn.hook_{kind}", record))
+    with _hooks_installed(model, hooks):
         model(tokens, **forward_kwargs)
-    return Ablation(out["buf"], "corrupt", spec)
+    return Ablation(out["buf"], "corrupt", spec, proj or None)
 
 
 @torch.no_grad()
@@ -205,6 +234,7 @@ class _ModelSlot:
 _SLOTS: "weakref.WeakKeyDictionary[Any, _ModelSlot]" = weakref.WeakKeyDictionary()
 
 _FLAGS = (("use_attn_in", False), ("use_split_qkv_input", True), ("use_hook_mlp_in", True))
+_PROJECTION_FLAGS = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
 
 
 def _slot(model: Any) -> _ModelSlot:
@@ -279,8 +309,10 @@ def _restore_bridge_capture_state(model: Any, state: dict[int, tuple[Any, bool, 
             attn._captured_pre_ln_residual = captured
 
 
-def _hook_point(model: Any, name: str) -> Any:
-    hp = model.hook_dict.get(name)
+def _hook_point(model: Any, name: str, hook_dict: dict[str, Any] | None = None) -> Any:
+    """The hook point ``name``. Pass ``hook_dict`` when looking up many: TransformerBridge rebuilds its
+    ``hook_dict`` (about 10 ms for GPT-2 small) on every access."""
+    hp = (model.hook_dict if hook_dict is None else hook_dict).get(name)
     if hp is None:
         raise EdgepatchError(
             f"The model has no hook point {name!r}, which edgepatch needs. Supported models are "
@@ -293,8 +325,9 @@ def _hook_point(model: Any, name: str) -> Any:
 def _hooks_installed(model: Any, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
     handles = []
     try:
+        hook_dict = model.hook_dict
         for name, fn in hooks:
-            handles.append(_hook_point(model, name).register_forward_hook(fn))
+            handles.append(_hook_point(model, name, hook_dict).register_forward_hook(fn))
         yield
     finally:
         for h in handles:
@@ -364,6 +397,118 @@ class _Probe(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# ------------------------------------------------------------------------------------------------------
+# q/k/v projections of patched heads, without TransformerLens's split-input mode
+# ------------------------------------------------------------------------------------------------------
+_HT_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
+_BRIDGE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
+_BRIDGE_ATTENTION = ("AttentionBridge", "JointQKVAttentionBridge", "PositionEmbeddingsAttentionBridge",
+                     "JointQKVPositionEmbeddingsAttentionBridge")
+
+
+class Projections:
+    """How every layer turns its input residual into the q/k/v projections (the outputs of the
+    ``hook_q/k/v`` hook points, before rotary embeddings and q/k norms): the layer's input normalization,
+    then ``x @ W^h + b^h`` per head.
+
+    The engine uses it to recompute only the heads whose inputs are patched, instead of switching on
+    TransformerLens's split-input mode, which copies the residual and runs a normalization per head for
+    *every* head (about 1.2x a plain forward on CPU by itself). The normalization is computed
+    functionally from the module's parameters, so no hook of the model fires for the recomputation.
+    :func:`projections_of` returns None for architectures where the hook outputs are not of that form
+    (post-norm blocks, shortformer positions, 4-bit weights, unknown modules); the engine then falls
+    back to the split-input mode, which is exact for any model TransformerLens supports."""
+
+    def __init__(self, model: Any, bridge: bool) -> None:
+        self.model = model
+        self.bridge = bridge
+
+    def norm(self, layer: int, x: Tensor) -> Tensor:
+        """The layer's attention-input normalization over the last dimension, for any leading shape."""
+        ln = self.model.blocks[layer].ln1
+        m = x.shape[-1]
+        dtype = x.dtype
+        xf = x if dtype in (torch.float32, torch.float64) else x.float()
+        if self.bridge:
+            comp = ln.original_component
+            if ln.use_native_layernorm_autograd or getattr(ln.config, "layer_norm_folding", False):
+                return comp(x)
+            # TransformerBridge's own normalization: float32, the affine map too, then the input's dtype
+            eps = getattr(ln.config, "eps", 1e-5)
+            w = ln.weight
+            w = ((1.0 + w) if getattr(ln.config, "rmsnorm_uses_offset", False) else w).float()
+            if ln.uses_rms_norm:
+                return F.rms_norm(xf, (m,), w, eps=eps).to(dtype)
+            bias = getattr(comp, "bias", None)
+            return F.layer_norm(xf, (m,), w, None if bias is None else bias.float(), eps=eps).to(dtype)
+        name = type(ln).__name__
+        if name == "Identity":
+            return x
+        w = ln.w if name in ("LayerNorm", "RMSNorm") else None
+        b = ln.b if name == "LayerNorm" else None
+        fused = xf is x  # float32/64: one kernel including the affine map (TransformerLens computes the
+        # normalization in float32 and applies the affine map in the model's dtype: keep that order)
+        if name.startswith("LayerNorm"):
+            y = F.layer_norm(xf, (m,), w if fused else None, b if fused else None, eps=ln.eps)
+        else:
+            y = F.rms_norm(xf, (m,), w if fused else None, eps=ln.eps)
+        if fused:
+            return y
+        y = y.to(dtype)
+        y = y * w if w is not None else y
+        return y + b if b is not None else y
+
+    def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
+        """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]``: key/value heads for grouped-query
+        attention (HookedTransformer's ``W_K`` repeats them over query heads; its ``_W_K`` does not)."""
+        attn = self.model.blocks[layer].attn
+        W = getattr(attn, f"W_{kind.upper()}")
+        if W.shape[0] != n_out:
+            raw = getattr(attn, f"_W_{kind.upper()}", None)
+            W = raw if raw is not None and raw.shape[0] == n_out else W[:: W.shape[0] // n_out]
+        return W
+
+    def bias(self, layer: int, kind: str, n_out: int) -> Tensor | None:
+        attn = self.model.blocks[layer].attn
+        b = getattr(attn, f"b_{kind.upper()}", None)
+        if b is not None and b.shape[0] != n_out:
+            raw = getattr(attn, f"_b_{kind.upper()}", None)
+            b = raw if raw is not None and raw.shape[0] == n_out else b[:: b.shape[0] // n_out]
+        return b
+
+
+def projections_of(model: Any) -> Projections | None:
+    """A :class:`Projections` for ``model``, or None when its q/k/v hook outputs are not
+    ``norm1(resid) @ W + b`` per head (see the class docstring)."""
+    cfg = model.cfg
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        return None
+    try:
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+    except ImportError:  # older TransformerLens: no post-norm architectures
+        POST_NORM_ARCHITECTURES = ()
+    if getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+        return None
+    if getattr(cfg, "positional_embedding_type", "") == "shortformer" or getattr(cfg, "load_in_4bit", False):
+        return None
+    bridge = hasattr(model, "original_model")
+    for block in blocks:
+        ln = getattr(block, "ln1", None)
+        if ln is None:
+            return None
+        if bridge:
+            attn = block.attn
+            hf_attn = getattr(attn, "original_component", None)
+            if (type(ln).__name__ not in _BRIDGE_NORMS or ln.original_component is None
+                    or type(attn).__name__ not in _BRIDGE_ATTENTION or getattr(attn.config, "gated_q_proj", False)
+                    or getattr(hf_attn, "key_multiplier", None) is not None):
+                return None
+        elif type(ln).__name__ not in _HT_NORMS:
+            return None
+    return Projections(model, bridge)
+
+
 class _Engine:
     """One patching configuration's hooks; the per-forward state lives here between hooks."""
 
@@ -374,12 +519,15 @@ class _Engine:
         weight_fn: Callable[[], Tensor],
         ablation: Ablation,
         slots: Tensor | None,
+        proj: Projections | None = None,
     ) -> None:
         self.model = model
+        self.proj = proj  # recompute patched heads' q/k/v projections (None: split-input mode)
         self.graph = graph
         self.g = graph.engine_graph
         self.weight_fn = weight_fn
         self.abl = ablation.values
+        self.abl_proj = ablation.projections  # the corrupted run's q/k/v (projection mode), or None
         self.slots = slots  # per-token weight slots [batch, pos] (per-position weights) or None
         self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [pos, ...])
         self.n_circuits = 0
@@ -396,27 +544,50 @@ class _Engine:
         self.inactive = False  # no destination changes in this forward: skip all work
         self.sparse = False  # no gradient needed: gather only the sources a hook uses
         self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form)
+        self.resid: dict[int, Tensor] = {}  # projection mode: each layer's input residual
+        self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
+        self.partials: dict[int, tuple[Tensor, Tensor, int]] = {}  # MLP / logits dest -> (partial input, r, n)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def hook_list(self) -> list[tuple[str, Callable]]:
-        hooks = _source_hooks(self.model, self.g, self._sink)
+        hooks = _source_hooks(self.model, self.g, self._sink, skip=lambda: self.inactive)
         # The input hook must also start a new forward: wrap it.
         name0, fn0 = hooks[0]
 
         def on_input(module: Any, inp: Any, out: Tensor) -> None:
             self._start(out)
             fn0(module, inp, out)
+            if self.proj is not None and not self.inactive:
+                self.resid[0] = out
 
         hooks[0] = (name0, on_input)
+        attn: dict[int, list[tuple[str, Tensor, int]]] = {}
+        self.deferred: dict[int, list[tuple[int, int]]] = {}  # layer -> [(MLP / logits destination, n)]
         for name, idx, n in self.plan:
-            hooks.append((name, self._make_dest_hook(idx, n)))
+            if self.proj is not None and name.endswith(("q_input", "k_input", "v_input")):
+                attn.setdefault(int(name.split(".")[1]), []).append((name.split("hook_")[1][0], idx, n))
+            else:
+                if self.proj is not None:
+                    self.deferred.setdefault(int(name.split(".")[1]), []).append((int(idx[0]), n))
+                hooks.append((name, self._make_dest_hook(idx, n)))
+        self.attn_plan = {layer: (groups, torch.cat([idx for _, idx, _ in groups])) for layer, groups in attn.items()}
+        for layer, groups in attn.items():
+            if layer > 0:
+                def on_resid(module: Any, inp: Any, out: Tensor, layer: int = layer) -> None:
+                    if not self.inactive:
+                        self.resid[layer] = out
+
+                hooks.append((f"blocks.{layer}.hook_resid_pre", on_resid))
+            for kind, _, _ in groups:
+                hooks.append((f"blocks.{layer}.attn.hook_{kind}", self._make_proj_hook(layer, kind)))
         return hooks
 
     def install(self) -> None:
         if self.hook_specs is None:
             self.hook_specs = self.hook_list()
+        hook_dict = self.model.hook_dict
         for name, fn in self.hook_specs:
-            self.handles.append(_hook_point(self.model, name).register_forward_hook(fn))
+            self.handles.append(_hook_point(self.model, name, hook_dict).register_forward_hook(fn))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -472,6 +643,13 @@ class _Engine:
                     f"shape [{b}, {p}]; give one position slot per token (or -1 to leave a token unpatched)."
                 )
         self.W = W
+        self.cache: dict[str, Tensor] | None = None
+        if self.proj is not None and self.abl_proj is not None and self.slots is None and not W.requires_grad:
+            some = next(iter(self.abl_proj.values()))
+            if some.shape[1] == p and some.shape[0] * max(self.n_circuits, 1) == b:
+                if some.device != x.device or some.dtype != x.dtype:
+                    self.abl_proj = {k: v.to(x.device, x.dtype) for k, v in self.abl_proj.items()}
+                self.cache = self.abl_proj
         needs_grad = torch.is_grad_enabled() and (W.requires_grad or x.requires_grad or self.abl.requires_grad)
         if not needs_grad and self.probe is None:
             if self.slots is None and bool((W[..., self.g.valid.to(W.device)] == 1).all()):
@@ -480,6 +658,10 @@ class _Engine:
             self.sparse = self.slots is None
             if self.sparse:
                 self.prefix_sums[0] = x.new_zeros(b, p, m)
+                # token-major storage: the mixing products are then one batched product per token
+                # ([h, k] @ [k, d_model]), about twice as fast on CPU as one [h, k] @ [k, batch*pos*d_model]
+                self.buf = x.new_empty(b, p, self.g.n_src, m).permute(2, 0, 1, 3)
+                return
         self.buf = x.new_empty(self.g.n_src, b, p, m)
 
     def _sink(self, start: int, out: Tensor) -> None:
@@ -540,6 +722,9 @@ class _Engine:
             if self.probe is not None:
                 return _Probe.apply(x, self.probe, buf[:n], idx_d, n)
             if self.sparse:
+                partial = self.partials.pop(int(idx[0]), None)
+                if partial is not None:
+                    return self._finish_partial(x, W, idx_d, n, *partial)
                 return self._sparse_mix(x, W, buf, idx_d, n)
             if self.slots is None and W.ndim == 3:  # circuits folded into the batch
                 c = W.shape[0]
@@ -571,41 +756,228 @@ class _Engine:
 
         return hook
 
+    # -- projection mode: attention destinations -------------------------------------------------------
+    def _make_proj_hook(self, layer: int, kind: str) -> Callable:
+        def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
+            if self.inactive or self.W is None or self.buf is None:
+                return None
+            pending = self.pending.get(layer)
+            if pending is None:  # the layer's first q/k/v hook computes all three
+                pending = self.pending[layer] = self._project_layer(layer)
+            res = pending.pop(kind, None)
+            if not pending:
+                self.resid.pop(layer, None)
+            if res is None:
+                return None
+            return _put_heads(out, *res)
+
+        return hook
+
+    def _project_layer(self, layer: int) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """q/k/v projections of the layer's heads whose inputs differ from the unpatched residual:
+        ``norm(x_h) @ W^h + b^h`` with ``x_h = r - sum_s (1 - w_sh) D_s``, one matrix product for all
+        of the layer's destinations, one normalization, one batched projection per kind.
+
+        Without gradients, the same product also computes the part of the layer's MLP input (and of the
+        logits, after the last layer) that comes from the sources before the layer (:attr:`partials`),
+        so those destinations do not read the whole buffer again."""
+        W, buf = self.W, self.buf
+        assert W is not None and buf is not None and self.proj is not None
+        groups, cols = self.attn_plan[layer]
+        n = groups[0][2]
+        cols = cols.to(W.device)
+        Wl = W[..., :n, :][..., cols]  # [n, R] / [C, n, R] / [slots, n, R]
+        flat = Wl.reshape(-1, n, len(cols))
+        if W.requires_grad:
+            sel = torch.arange(len(cols), device=W.device)  # the gradient at w = 1 is not zero
+            cached = sel[:0]
+        else:
+            need = flat.ne(1).any(1).any(0)
+            # every edge ablated (in every circuit): the input is the corrupted run's, so is the projection
+            zero = flat.eq(0).all(1).all(0) if self.cache is not None else torch.zeros_like(need)
+            sel = (need & ~zero).nonzero().flatten()
+            cached = zero.nonzero().flatten()
+        deferred = []
+        if self.sparse:
+            deferred = [(d, nd) for d, nd in self.deferred.get(layer, []) if bool((W[..., :nd, d] != 1).any())]
+        r = self.resid[layer]
+        out: dict[str, tuple[Tensor, Tensor, int]] = {}
+        if cached.numel():
+            self._cached_heads(layer, groups, cached, out)
+        if sel.numel() == 0 and not deferred:
+            return out
+        Wh = Wl.index_select(-1, sel)
+        if deferred:
+            extra = torch.tensor([d for d, _ in deferred], device=W.device)
+            Wh = torch.cat([Wh, W[..., :n, :].index_select(-1, extra)], dim=-1)
+        y = self._head_inputs(r, Wh, n)  # [b, p, R, m]
+        R = sel.numel()
+        for i, (d, _) in enumerate(deferred):
+            self.partials[d] = (y[:, :, R + i].clone(), r, n)
+        if R == 0:
+            return out
+        y = self.proj.norm(layer, y)  # (also normalizes the deferred columns, which are not used)
+        start = 0
+        b, p, _, m = y.shape
+        for kind, idx, _ in groups:
+            h = len(idx)
+            lo = int(torch.searchsorted(sel, start))
+            hi = int(torch.searchsorted(sel, start + h))
+            start += h
+            if hi == lo:
+                continue
+            heads = sel[lo:hi] - (start - h)
+            Wk = self.proj.weight(layer, kind, h)
+            bk = self.proj.bias(layer, kind, h)
+            if hi - lo != h:
+                Wk = Wk.index_select(0, heads)
+                bk = bk.index_select(0, heads) if bk is not None else None
+            yk = y[:, :, lo:hi].reshape(b * p, hi - lo, m).transpose(0, 1)  # [R_k, b*p, m], a view
+            vals = torch.bmm(yk, Wk.to(y.dtype)).view(hi - lo, b, p, -1).permute(1, 2, 0, 3)
+            if bk is not None:
+                vals = vals + bk.to(vals.dtype)
+            if kind in out:  # some heads of this kind come from the cache
+                heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
+            out[kind] = (heads, vals, h)
+        return out
+
+    def _cached_heads(self, layer: int, groups: list[tuple[str, Tensor, int]], cols: Tensor,
+                      out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
+        """The corrupted run's projections of the fully ablated destinations ``cols``."""
+        assert self.cache is not None
+        start = 0
+        for kind, idx, _ in groups:
+            h = len(idx)
+            heads = cols[(cols >= start) & (cols < start + h)] - start
+            start += h
+            if heads.numel():
+                vals = self.cache[f"{layer}{kind}"].index_select(2, heads)  # [b, p, k, d]
+                if self.n_circuits > 1:
+                    vals = vals.repeat(self.n_circuits, 1, 1, 1)
+                out[kind] = (heads, vals, h)
+
+    def _finish_partial(self, x: Tensor, W: Tensor, idx: Tensor, nd: int, partial: Tensor, r: Tensor,
+                        n: int) -> Tensor:
+        """Complete a destination whose input from sources ``< n`` was computed with the attention
+        destinations (:meth:`_project_layer`): ``x - r + partial - sum_{n <= s < nd} (1 - w_sd) D_s``
+        (the same in the additive and the subtractive form)."""
+        y = x - r + partial
+        if nd == n:
+            return y
+        Wr = 1 - W[..., n:nd, :][..., idx[0]]  # [k] or [C, k]
+        if not bool(Wr.any()):
+            return y
+        store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]
+        b, p, _, m = store.shape
+        k = nd - n
+        D = store[:, :, n:nd]
+        if Wr.ndim == 1:
+            corr = torch.matmul(Wr.view(1, k), D.reshape(b * p, k, m)).view(b, p, m)
+        else:
+            c = Wr.shape[0]
+            corr = torch.matmul(Wr.view(c, 1, 1, k), D.reshape(c, -1, k, m)).view(b, p, m)
+        return y.sub_(corr)
+
+    def _head_inputs(self, r: Tensor, Wh: Tensor, n: int) -> Tensor:
+        """``x_h = r - sum_{s<n} (1 - w_sh) D_s`` for the destinations of ``Wh`` (``[n, R]``,
+        ``[C, n, R]`` with circuits, ``[slots, n, R]`` per position), as ``[batch, pos, R, d_model]``."""
+        if self.sparse:
+            return self._mixed(r, Wh, n)
+        buf = self.buf
+        assert buf is not None
+        _, b, p, m = buf.shape
+        R = Wh.shape[-1]
+        groups = self._prefix_groups(n)
+        if self.slots is not None:
+            D = torch.cat(groups) if len(groups) > 1 else groups[0]  # [n, b, p, m]
+            slots = self.slots.to(Wh.device)
+            Wp = torch.cat([Wh, Wh.new_ones(1, n, R)])  # [S+1, n, R]
+            mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, R]
+            return r.unsqueeze(2) - torch.einsum("bpnh,nbpm->bphm", mt, D)
+        if Wh.ndim == 2:
+            corr = _Mix.apply((1 - Wh).T.contiguous(), buf[:n].view(n, -1), *groups)  # [R, X]
+            return (r.reshape(1, -1) - corr).view(R, b, p, m).permute(1, 2, 0, 3)
+        c = Wh.shape[0]
+        corr = _Mix.apply((1 - Wh).transpose(1, 2).contiguous(), buf[:n].view(n, c, -1), *groups)  # [C, R, X]
+        y = (r.reshape(c, 1, -1) - corr).view(c, R, b // c, p, m)
+        return y.permute(0, 2, 3, 1, 4).reshape(b, p, R, m)
+
     def _sparse_mix(self, x: Tensor, W: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor | None:
+        """A hook input's patched value without gradients (see :meth:`_sparse_rows`)."""
+        Wh = W[..., :n, :][..., idx]  # [n, h] or [C, n, h]
+        if not bool((Wh != 1).any()):
+            return None
+        base = x
+        if x.ndim == 4:
+            base = x if x.shape[2] == len(idx) else x.expand(*x.shape[:2], len(idx), x.shape[3])
+        y = self._mixed(base, Wh, n)  # [b, p, h, m]
+        return y[:, :, 0] if x.ndim == 3 else y
+
+    def _mixed(self, r: Tensor, Wh: Tensor, n: int) -> Tensor:
+        """``r - sum_{s<n} (1 - w_sh) D_s`` for the ``h`` destinations of ``Wh`` (``[n, h]``, or
+        ``[C, n, h]`` with circuits), as ``[batch, pos, h, d_model]``. ``r`` is ``[b, p, d_model]`` (one
+        residual for all) or ``[b, p, h, d_model]``. No gradient."""
+        h = Wh.shape[-1]
+        b, p, m = r.shape[0], r.shape[1], r.shape[-1]
+        rows, additive = self._sparse_rows(Wh, n)
+        r4 = r if r.ndim == 4 else r.unsqueeze(2)
+        base = r4 - self.prefix_sums[n].unsqueeze(2) if additive else r4
+        if rows.numel() == 0:
+            return base.expand(b, p, h, m)
+        coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
+        store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]  # [b, p, n_src, m]
+        dense = 2 * rows.numel() > n  # dense enough: multiply over the contiguous prefix, no gather copy
+        if base.shape[2] == 1 and self.filled <= n < store.shape[2]:
+            # The base joins the product as one more source with coefficient 1, in the store's row n
+            # (source n is not computed yet; its hook overwrites the row): no separate pass adds it.
+            store[:, :, n] = base[:, :, 0]
+            ones = coef.new_ones(*coef.shape[:-2], 1, h)
+            if dense:
+                coef, D = torch.cat([coef, ones], dim=-2), store[:, :, : n + 1]
+            else:
+                rows = torch.cat([rows, rows.new_tensor([n])])
+                coef = torch.cat([coef.index_select(-2, rows[:-1]), ones], dim=-2)
+                D = store.index_select(2, rows)
+            base = None
+        elif dense:
+            D = store[:, :, :n]
+        else:
+            coef, D = coef.index_select(-2, rows), store.index_select(2, rows)
+        k = D.shape[2]
+        D = D.reshape(b * p, k, m)
+        coef = coef.transpose(-1, -2)  # [h, k] or [C, h, k]
+        if coef.ndim == 2:
+            if base is None:
+                return torch.matmul(coef, D).view(b, p, h, m)
+            return torch.baddbmm(base.reshape(b * p, -1, m), coef.expand(b * p, h, k), D).view(b, p, h, m)
+        c = coef.shape[0]
+        y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m)).view(b, p, h, m)  # [C, b/C * p, h, m]
+        return y if base is None else y.add_(base)
+
+    def _sparse_rows(self, Wh: Tensor, n: int) -> tuple[Tensor, bool]:
         """No-gradient path. ``x_d = r_d - sum_s (1 - w_sd) D_s`` touches the sources with some w != 1;
         the same value ``(r_d - sum_{s<n} D_s) + sum_s w_sd D_s`` touches those with some w != 0. Use the
-        form with fewer sources and gather only those rows of D (a sparse circuit costs almost nothing)."""
-        Wh = W[..., :n, :][..., idx]  # [n, h] or [C, n, h]
-        sub_rows = (Wh != 1).reshape(-1, n, Wh.shape[-1]).any(0).any(1).nonzero().flatten()
-        if sub_rows.numel() == 0:
-            return None
-        add_rows = (Wh != 0).reshape(-1, n, Wh.shape[-1]).any(0).any(1).nonzero().flatten()
+        form with fewer sources (a sparse circuit costs almost nothing): its rows, and whether additive."""
+        h = Wh.shape[-1]
+        sub_rows = (Wh != 1).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
+        add_rows = (Wh != 0).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
         additive = add_rows.numel() < sub_rows.numel() and n in self.prefix_sums
-        rows = add_rows if additive else sub_rows
-        _, b, p, m = buf.shape
-        if 2 * rows.numel() > n:  # dense enough: multiply over the contiguous prefix, no gather copy
-            coef = Wh if additive else 1 - Wh
-            rows = torch.arange(n, device=rows.device)
-            D = buf[:n]
-        elif rows.numel():
-            coef = Wh.index_select(-2, rows) if additive else 1 - Wh.index_select(-2, rows)
-            D = buf.index_select(0, rows)  # [r, b, p, m]
-        if rows.numel():
-            if Wh.ndim == 2:
-                corr = (coef.T @ D.view(rows.numel(), -1)).view(-1, b, p, m).permute(1, 2, 0, 3)
-            else:
-                c = Wh.shape[0]
-                corr = torch.bmm(coef.transpose(1, 2), D.view(rows.numel(), c, -1).transpose(0, 1))
-                corr = corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
-        else:
-            corr = x.new_zeros(b, p, 1, m)
-        if x.ndim == 3:
-            corr = corr[:, :, 0]
-        if not additive:
-            return x - corr
-        base = self.prefix_sums[n]
-        base = base if x.ndim == 3 else base.unsqueeze(2)
-        return (x - base) + corr
+        return (add_rows if additive else sub_rows), additive
+
+
+def _put_heads(out: Tensor, heads: Tensor, vals: Tensor, n_heads: int) -> Tensor:
+    """Replace the ``heads`` of a q/k/v hook output (``[b, p, H, d]``, or ``[b, p, H * d]`` in
+    TransformerBridge) by ``vals`` ``[b, p, len(heads), d]``, out of place (autograd-safe)."""
+    d = vals.shape[-1]
+    o4 = out.unflatten(-1, (-1, d)) if out.ndim == 3 else out
+    if o4.shape[2] != n_heads:
+        raise EdgepatchError(
+            f"patch: an attention hook output has {o4.shape[2]} heads where the graph has {n_heads} destinations "
+            f"(shape {shape_str(out.shape)}); models with ungrouped grouped-query attention "
+            f"(cfg.ungroup_grouped_query_attention=True) are not supported."
+        )
+    new = o4.index_copy(2, heads, vals.to(out.dtype))
+    return new.flatten(-2) if out.ndim == 3 else new
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -762,16 +1134,19 @@ def patch(
         weight_fn = lambda: fixed  # noqa: E731
         fixed_weights = fixed
 
+    proj = projections_of(model)
     engine: _Engine
     if positions == "absolute":
-        engine = _AbsoluteEngine(model, graph, weight_fn, ablated, None)
+        engine = _AbsoluteEngine(model, graph, weight_fn, ablated, None, proj)
     else:
-        engine = _Engine(model, graph, weight_fn, ablated, slots)
+        engine = _Engine(model, graph, weight_fn, ablated, slots, proj)
 
     flags = None
-    if fixed_weights is not None and not fixed_weights.requires_grad and not _attention_patched(graph, fixed_weights):
-        # every attention input is kept: no need for TransformerLens's (costly) per-head split inputs
-        flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
+    if proj is not None or (fixed_weights is not None and not fixed_weights.requires_grad
+                            and not _attention_patched(graph, fixed_weights)):
+        # Patched heads' q/k/v are recomputed at the projections (or no attention input is patched):
+        # no need for TransformerLens's costly per-head split inputs.
+        flags = _PROJECTION_FLAGS
     with activated(model, engine, flags):
         yield
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
+from edgepatch import patching
 from edgepatch.errors import EdgepatchError
 from edgepatch.masks import EdgeMasks, mask_fn, train_masks
 
@@ -406,15 +407,24 @@ def test_patch_restores_model_and_nests(fresh_model):
     assert torch.allclose(inner, model(corrupt), atol=1e-4)
 
 
-def test_flags_restored_when_user_set_them():
+def test_flags_restored_when_user_set_them(monkeypatch):
     model = ep.random_model("tiny", model_class="hooked", seed=2)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(False)
     g = ep.build_graph(model)
     abl = ep.zero_ablation(g)
+    # patched heads are recomputed at their q/k/v projections: split inputs are turned off inside
     with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
-        assert model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
+        assert not model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
     assert model.cfg.use_split_qkv_input is True and model.cfg.use_hook_mlp_in is False
+    # an architecture without that path falls back to TransformerLens's split inputs
+    with monkeypatch.context() as mp:
+        mp.setattr(patching, "projections_of", lambda model: None)
+        model.set_use_split_qkv_input(False)
+        with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
+            assert model.cfg.use_split_qkv_input and model.cfg.use_hook_mlp_in
+        assert model.cfg.use_split_qkv_input is False and model.cfg.use_hook_mlp_in is False
+        model.set_use_split_qkv_input(True)
     # attention inputs all kept: the engine does not need (costly) split inputs, and turns them off inside
     W = torch.ones(g.n_src, g.n_dest)
     W[:, g.dest_index("logits")] = 0
@@ -527,20 +537,47 @@ def test_errors_leave_model_unchanged(fresh_model):
         assert torch.equal(model(clean), model(clean))
 
 
-@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
-def test_sparse_and_dense_paths_agree(model_class):
+def _path_cases(g, gen):
+    return [torch.rand(g.n_src, g.n_dest, generator=gen),
+            (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.05).float(),  # sparse: additive form
+            (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.95).float(),  # dense: subtractive form
+            torch.zeros(g.n_src, g.n_dest),  # every attention input from the corrupted run's cache
+            (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.1).float()]  # circuits folded
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+@pytest.mark.parametrize("split", [True, False])
+def test_split_input_fallback_agrees(case, split, monkeypatch):
+    """Architectures whose q/k/v the engine cannot recompute at the projections fall back to
+    TransformerLens's split inputs; both paths must give the same logits (with and without gradients)."""
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    clean, corrupt = tokens(model), tokens(model, seed=13)
+    abl = ep.source_activations(model, g, corrupt)
+    for W in _path_cases(g, torch.Generator().manual_seed(8)):
+        toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+        got = {}
+        for path in ("projections", "split"):
+            with monkeypatch.context() as mp:
+                if path == "split":
+                    mp.setattr(patching, "projections_of", lambda model: None)
+                with ep.patch(model, g, W, abl):
+                    with torch.no_grad():
+                        got[path] = model(toks)
+                    got[path + " (grad)"] = model(toks).detach()  # parameters require grad: dense path
+        for key in ("split", "projections (grad)", "split (grad)"):
+            assert (got[key] - got["projections"]).abs().max() <= ATOL, key
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_sparse_and_dense_paths_agree(case):
     """Without gradients the engine gathers only the sources a hook uses (additive or subtractive form);
     with gradients it uses the dense product. Both must give the same logits."""
-    model = cached_model("tiny-gqa", model_class)
+    model = cached_model(*case)
     g = ep.build_graph(model)
     clean, corrupt = tokens(model), tokens(model, seed=12)
     abl = ep.source_activations(model, g, corrupt)
-    gen = torch.Generator().manual_seed(7)
-    cases = [torch.rand(g.n_src, g.n_dest, generator=gen),
-             (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.05).float(),  # sparse: additive form
-             (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.95).float(),  # dense: subtractive form
-             (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.1).float()]  # circuits folded
-    for W in cases:
+    for W in _path_cases(g, torch.Generator().manual_seed(7)):
         toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
         with ep.patch(model, g, W, abl):
             with torch.no_grad():
