@@ -61,7 +61,7 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
 from edgepatch.graph import Graph
 from edgepatch.masks import frozen
-from edgepatch.metrics import get_metric
+from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only
 from edgepatch.graph import dest_groups
 from edgepatch.patching import (
     Ablation,
@@ -71,6 +71,7 @@ from edgepatch.patching import (
     activated,
     mean_activations,
     patch,
+    projections_of,
     source_activations,
     zero_ablation,
 )
@@ -102,8 +103,10 @@ def model_device(model: Any) -> torch.device:
 class AblationSource:
     """Gives the ablated source values for each batch of prompts (computed once for mean/zero)."""
 
-    def __init__(self, model: Any, graph: Graph, data: PromptPairs, ablation: Any = "corrupt") -> None:
+    def __init__(self, model: Any, graph: Graph, data: PromptPairs, ablation: Any = "corrupt",
+                 projections: bool = True) -> None:
         self.model, self.graph, self.kind = model, graph, ablation
+        self.projections = projections  # also record the corrupted run's q/k/v (see Ablation)
         device = model_device(model)
         self.fixed: Ablation | None = None
         if isinstance(ablation, Ablation):
@@ -130,7 +133,7 @@ class AblationSource:
     def __call__(self, batch: PromptPairs, index: slice) -> Ablation:
         if self.fixed is not None:
             return self.fixed[index] if self.fixed.values.shape[1] > 1 else self.fixed
-        return source_activations(self.model, self.graph, batch.corrupt)
+        return source_activations(self.model, self.graph, batch.corrupt, projections=self.projections)
 
 
 def batches(data: PromptPairs, batch_size: int) -> Iterator[tuple[slice, PromptPairs]]:
@@ -142,14 +145,14 @@ def batches(data: PromptPairs, batch_size: int) -> Iterator[tuple[slice, PromptP
 
 
 def prepared_metric(model: Any, metric: Any, batch: PromptPairs, clean_logits: Tensor | None = None,
-                    repeat: int = 1) -> Callable[[Tensor, PromptPairs], Tensor]:
+                    repeat: int = 1, answer_pos: Tensor | None = None) -> Callable[[Tensor, PromptPairs], Tensor]:
     """The metric for one batch; metrics that need the clean run (KL) get its logits here (repeated
-    ``repeat`` times when circuits are folded into the batch)."""
+    ``repeat`` times when circuits are folded into the batch; at ``answer_pos`` only when given)."""
     m = get_metric(metric)
     if getattr(m, "needs_clean", False):
         if clean_logits is None:
             with torch.no_grad():
-                clean_logits = model(batch.clean)
+                clean_logits = final_logits(model, batch.clean, answer_pos)
         m = m.prepare(clean_logits.detach().repeat(repeat, *([1] * (clean_logits.ndim - 1))))
     return m
 
@@ -185,11 +188,11 @@ class _ProbeProjection(torch.autograd.Function):
         h, d_model, d_head = W.shape
         b, p = grad.shape[:2]
         g = grad.reshape(b, p, h, d_head)
-        g_norm = torch.einsum("bphd,hmd->bphm", g, W.to(g.dtype))  # grad at the normalization's output
-        with torch.enable_grad():
-            x = resid.detach()[:, :, None, :].expand(b, p, h, d_model).contiguous().requires_grad_(True)
-            (g_in,) = torch.autograd.grad(norm(x), x, g_norm)
-        gh = g_in.permute(2, 0, 1, 3).reshape(h, -1)  # [h, X]
+        g_norm = torch.einsum("bphd,hmd->hbpm", g, W.to(g.dtype))  # grad at the normalization's output
+        # one vector-Jacobian product of the normalization at r, applied to every head's gradient
+        _, vjp = torch.func.vjp(norm, resid.detach())
+        (g_in,) = torch.vmap(vjp)(g_norm)  # [h, b, p, m]
+        gh = g_in.reshape(h, -1)  # [h, X]
         acc[:n, idx] += (buf[:n].reshape(n, -1) @ gh.T).to(acc.dtype)
         return grad, None
 
@@ -206,6 +209,11 @@ def _projection_weight(model: Any, layer: int, kind: str, n_out: int) -> Tensor:
 
 
 def _norm_fn(model: Any, layer: int) -> Callable[[Tensor], Tensor]:
+    """The layer's attention-input normalization as a function, computed from its parameters (no hook
+    point of the model fires); the module itself where edgepatch does not know its form."""
+    proj = projections_of(model)
+    if proj is not None:
+        return lambda x: proj.norm(layer, x)
     ln = model.blocks[layer].ln1
     inner = getattr(ln, "original_component", None)  # TransformerBridge: the HF norm module itself
     return inner if inner is not None else ln
@@ -330,51 +338,18 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
     data = data.to(device)
     eg = graph.engine_graph
     acc = torch.zeros(eg.n_src, eg.n_dest, device=device, dtype=torch.float32)
-    abl_source = AblationSource(model, graph, data, ablation)
+    abl_source = AblationSource(model, graph, data, ablation, projections=False)  # (gradients: not used)
     n = len(data)
     t0 = time.perf_counter()
     points = 2 if variant == "clean-corrupted" else steps
     bar = progress_bar(math.ceil(n / batch_size) * points, method, progress)
+    fast = reads_answer_only(get_metric(metric))
     with frozen(model):
-        for sl, batch in batches(data, batch_size):
-            abl = abl_source(batch, sl)
-            m = prepared_metric(model, metric, batch)
-            if variant == "activations":
-                w = torch.ones(eg.n_src, eg.n_dest, device=device)
-                for k in range(1, steps + 1):
-                    wk = (w * (k / steps)).requires_grad_(True)
-                    with patch(model, graph, lambda wk=wk: wk, abl):
-                        logits = model(batch.clean)
-                    (m(logits, batch).sum() / (n * steps)).backward()
-                    acc -= wk.grad.detach()  # probe convention: acc holds +grad.D; here -dM/dw ... see below
-                    bar.update(1)
-                continue
-            if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
-                with _probe(model, graph, acc, abl) as engine:
-                    objective = m(model(batch.clean), batch).sum() / n
-                    engine.abl = None  # the ablated values and the logits are not needed by the backward:
-                    abl = None  # free them before it, which is where EAP's memory peaks
-                    objective.backward()
-                bar.update(1)
-                continue
-            # inputs / clean-corrupted: probe with the clean differences o - â
-            clean_diff = source_activations(model, graph, batch.clean).values - abl.values.to(device)
-            if clean_diff.shape[1] != len(batch.clean):
-                clean_diff = clean_diff.expand(-1, len(batch.clean), -1, -1)
-            clean_diff = clean_diff.contiguous()
-            if variant == "clean-corrupted":
-                alphas = [1.0, 0.0]
-            else:
-                alphas = [k / steps for k in range(1, steps + 1)]
-            in_clean = clean_diff[0] + abl.values[0].to(device)  # clean input residual
-            in_abl = abl.values[0].to(device).expand_as(in_clean)
-            for alpha in alphas:
-                target = (in_clean if alpha == 1.0 else in_abl + alpha * (in_clean - in_abl)).detach()
-                override = (lambda x, t=target: t.clone().requires_grad_(True))
-                with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override):
-                    logits = model(batch.clean)
-                    (m(logits, batch).sum() / (n * len(alphas))).backward()
-                bar.update(1)
+        for sl, full in batches(data, batch_size):
+            # unembed only the answer positions (built-in metrics), without TransformerLens's W_U copy
+            # (see final_logits), which autograd would otherwise keep until the backward
+            _integrate_batch(model, graph, full, answer_view(full) if fast else full, abl_source(full, sl),
+                             metric, acc, n, steps, variant, bar, device, full.answer_pos if fast else None)
     bar.close()
     # acc accumulated +grad·(o - â) = dM/dw; scores estimate the effect of ablating: -dM/dw.
     # (The activations branch subtracted its gradients, so negate only the probe's sum.)
@@ -382,6 +357,57 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
     info = {"steps": steps, "variant": variant, "ablation": str(abl_source.kind), "n_prompts": n,
             "seconds": time.perf_counter() - t0, "score_kind": "ablation_effect"}
     return EdgeScores(_to_graph(graph, scores), graph, method=method, metric=metric_name(metric), info=info)
+
+
+def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptPairs, abl: Ablation | None,
+                     metric: Any, acc: Tensor, n: int, steps: int, variant: str, bar: Any, device: Any,
+                     answer_pos: Tensor | None) -> None:
+    """One batch of :func:`_integrated`: ``full`` holds the tokens, ``mdata`` is what the metric reads
+    (the answer positions only when ``answer_pos`` is given)."""
+    assert abl is not None
+    eg = graph.engine_graph
+    tokens = full.clean
+    m = prepared_metric(model, metric, full, answer_pos=answer_pos)
+
+    def run(tokens: Tensor) -> Tensor:  # the logits the metric reads
+        return final_logits(model, tokens, answer_pos)
+
+    if variant == "activations":
+        w = torch.ones(eg.n_src, eg.n_dest, device=device)
+        for k in range(1, steps + 1):
+            wk = (w * (k / steps)).requires_grad_(True)
+            with patch(model, graph, lambda wk=wk: wk, abl):
+                logits = run(tokens)
+            (m(logits, mdata).sum() / (n * steps)).backward()
+            acc -= wk.grad.detach()  # probe convention: acc holds +grad.D; here -dM/dw ... see _integrated
+            bar.update(1)
+        return
+    if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
+        with _probe(model, graph, acc, abl) as engine:
+            objective = m(run(tokens), mdata).sum() / n
+            engine.abl = None  # the ablated values and the logits are not needed by the backward:
+            abl = None  # free them before it, which is where EAP's memory peaks
+            objective.backward()
+        bar.update(1)
+        return
+    # inputs / clean-corrupted: probe with the clean differences o - â
+    clean_diff = source_activations(model, graph, tokens, projections=False).values - abl.values.to(device)
+    if clean_diff.shape[1] != len(tokens):
+        clean_diff = clean_diff.expand(-1, len(tokens), -1, -1)
+    clean_diff = clean_diff.contiguous()
+    if variant == "clean-corrupted":
+        alphas = [1.0, 0.0]
+    else:
+        alphas = [k / steps for k in range(1, steps + 1)]
+    in_clean = clean_diff[0] + abl.values[0].to(device)  # clean input residual
+    in_abl = abl.values[0].to(device).expand_as(in_clean)
+    for alpha in alphas:
+        target = (in_clean if alpha == 1.0 else in_abl + alpha * (in_clean - in_abl)).detach()
+        override = (lambda x, t=target: t.clone().requires_grad_(True))
+        with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override):
+            logits = run(tokens)
+            (m(logits, mdata).sum() / (n * len(alphas))).backward()
+        bar.update(1)
 
 
 def _to_graph(graph: Graph, edge_scores: Tensor) -> Tensor:

@@ -48,10 +48,11 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import warnings
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from jaxtyping import Float
@@ -377,3 +378,87 @@ def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:
             RuntimeWarning, stacklevel=2,
         )
     return torch.where(zero, torch.full_like(denom, math.nan), (v - a) / torch.where(zero, torch.ones_like(denom), denom))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Unembedding only what a metric reads (internal forwards of sweeps and attribution)
+# ------------------------------------------------------------------------------------------------------
+def reads_answer_only(metric: Callable) -> bool:
+    """Whether ``metric`` (resolved) is a built-in one, which reads the logits at ``answer_pos`` only."""
+    if isinstance(metric, KLDivergence):
+        return type(metric) is KLDivergence
+    return any(metric is m for m in METRICS.values())
+
+
+def answer_view(data: PromptPairs) -> PromptPairs:
+    """``data`` as a metric sees it when only the answer positions were unembedded (logits ``[b, 1, V]``)."""
+    b = len(data)
+    one = torch.zeros(b, 1, dtype=torch.long, device=data.device)
+    return PromptPairs(
+        clean=one, corrupt=one, answers=data.answers, wrong=data.wrong,
+        attention_mask=torch.ones(b, 1, dtype=torch.bool, device=data.device),
+        answer_pos=torch.zeros(b, dtype=torch.long, device=data.device), meta=data.meta,
+        per_prompt_keys=data.per_prompt_keys,
+    )
+
+
+@contextlib.contextmanager
+def answer_logits(model: Any, answer_pos: Tensor | None) -> Iterator[None]:
+    """While open, ``model(tokens)`` returns logits ``[rows, 1, d_vocab]`` at ``answer_pos`` (``[n]``) only:
+    a pre-hook gathers the unembedding's input (``rows`` a multiple of ``n``: circuits folded into the batch
+    repeat the prompts), so the other positions are never unembedded. ``answer_pos=None`` or a model
+    without ``unembed``: no change."""
+    unembed = getattr(model, "unembed", None)
+    if answer_pos is None or not isinstance(unembed, torch.nn.Module):
+        yield
+        return
+    n = answer_pos.shape[0]
+
+    def pre(module: Any, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 3 or args[0].shape[0] % n:
+            return None
+        x = args[0]
+        return (_gather_answer(x, answer_pos), *args[1:])
+
+    handle = unembed.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _gather_answer(x: Tensor, answer_pos: Tensor) -> Tensor:
+    rows = x.shape[0]
+    ap = answer_pos.to(x.device).repeat(rows // answer_pos.shape[0])
+    return x[torch.arange(rows, device=x.device), ap][:, None]
+
+
+def final_logits(model: Any, tokens: Tensor, answer_pos: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """``model(tokens, **kwargs)``'s logits, ``[rows, 1, d_vocab]`` at ``answer_pos`` when given.
+
+    For a HookedTransformer this runs the model with ``return_type=None`` and unembeds the final residual
+    itself: TransformerLens's ``Unembed`` copies ``W_U`` into a new transposed tensor on every forward
+    (154 MB for GPT-2, ~0.15 s on CPU, and with gradients autograd keeps it until the backward); the
+    product with ``W_U`` as it is gives the same logits. The final norm's module hook reads the residual
+    and is removed before returning."""
+    unembed = getattr(model, "unembed", None)
+    cfg = getattr(model, "cfg", None)
+    lean = (type(unembed).__name__ == "Unembed" and isinstance(getattr(unembed, "W_U", None), Tensor)
+            and type(model).__name__ == "HookedTransformer" and not getattr(cfg, "output_logits_soft_cap", 0) > 0)
+    if not lean:
+        logits = model(tokens, **kwargs)
+        if answer_pos is not None and logits.shape[1] != 1:
+            logits = _gather_answer(logits, answer_pos)
+        return logits
+    norm = getattr(model, "ln_final", None) if getattr(cfg, "normalization_type", None) is not None else None
+    target = norm if isinstance(norm, torch.nn.Module) else model.blocks[-1]
+    captured: list[Tensor] = []
+    handle = target.register_forward_hook(lambda module, inp, out: captured.append(out))
+    try:
+        model(tokens, return_type=None, **kwargs)
+    finally:
+        handle.remove()
+    x = captured[-1]
+    if answer_pos is not None:
+        x = _gather_answer(x, answer_pos)
+    return torch.nn.functional.linear(x, unembed.W_U.T, unembed.b_U)

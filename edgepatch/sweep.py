@@ -82,7 +82,14 @@ from torch import Tensor
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
 from edgepatch.graph import Graph, model_spec
-from edgepatch.metrics import METRICS, KLDivergence, get_metric, normalized_faithfulness
+from edgepatch.metrics import (
+    answer_logits,
+    answer_view,
+    final_logits,
+    get_metric,
+    normalized_faithfulness,
+    reads_answer_only,
+)
 from edgepatch.patching import Ablation, _check_graph, patch, source_activations
 from edgepatch.scores import EdgeScores
 
@@ -406,11 +413,7 @@ def _metric_name(metric: Any, resolved: Any) -> str:
     return str(getattr(resolved, "metric_name", None) or getattr(resolved, "__name__", None) or type(resolved).__name__)
 
 
-def _is_builtin(resolved: Any) -> bool:
-    """Built-in metrics read only ``answer_pos``, so the sweep may unembed that position alone."""
-    if isinstance(resolved, KLDivergence):
-        return type(resolved) is KLDivergence
-    return any(resolved is m for m in METRICS.values())
+_is_builtin = reads_answer_only
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -427,30 +430,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _answer_logits(model: Any, answer_pos: Tensor | None) -> Iterator[None]:
-    """While open, ``model(tokens)`` returns logits ``[rows, 1, d_vocab]`` at ``answer_pos`` only (repeated
-    over folded circuits): a pre-hook gathers the unembedding's input, so the other positions are never
-    unembedded. ``answer_pos=None`` or a model without ``unembed``: no change."""
-    unembed = getattr(model, "unembed", None)
-    if answer_pos is None or not isinstance(unembed, torch.nn.Module):
-        yield
-        return
-    n = answer_pos.shape[0]
-
-    def pre(module: Any, args: tuple) -> tuple | None:
-        if not args or not isinstance(args[0], Tensor) or args[0].ndim != 3 or args[0].shape[0] % n:
-            return None
-        x = args[0]
-        rows = x.shape[0]
-        ap = answer_pos.to(x.device).repeat(rows // n)
-        return (x[torch.arange(rows, device=x.device), ap][:, None], *args[1:])
-
-    handle = unembed.register_forward_pre_hook(pre)
-    try:
-        yield
-    finally:
-        handle.remove()
+_answer_logits = answer_logits
 
 
 @contextlib.contextmanager
@@ -785,7 +765,7 @@ def _run_batch(
             clean_vals = m(clean_logits, mdata).double().cpu()
             ablated_vals = m(corrupt_logits, mdata).double().cpu()
         else:
-            clean_logits = _at_answer(model(clean_tok), ap)
+            clean_logits = final_logits(model, clean_tok, ap)
             m = resolved.prepare(clean_logits) if needs_clean else resolved
             clean_vals = m(clean_logits, mdata).double().cpu()
             assert fixed is not None
@@ -818,16 +798,7 @@ def _at_answer(logits: Tensor, answer_pos: Tensor | None) -> Tensor:
     return logits[torch.arange(rows, device=logits.device), ap][:, None]
 
 
-def _metric_data(batch: PromptPairs) -> PromptPairs:
-    """The batch as the metric sees it when only the answer position is unembedded (logits [b, 1, V])."""
-    b = len(batch)
-    one = torch.zeros(b, 1, dtype=torch.long, device=batch.device)
-    return PromptPairs(
-        clean=one, corrupt=one, answers=batch.answers, wrong=batch.wrong,
-        attention_mask=torch.ones(b, 1, dtype=torch.bool, device=batch.device),
-        answer_pos=torch.zeros(b, dtype=torch.long, device=batch.device), meta=batch.meta,
-        per_prompt_keys=batch.per_prompt_keys,
-    )
+_metric_data = answer_view
 
 
 def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:
@@ -850,7 +821,7 @@ def _evaluate_chunk(
     c = len(chunk)
     W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
     with patch(model, graph, W[0] if c == 1 else W, abl):
-        logits = _at_answer(model(tokens.repeat(c, 1) if c > 1 else tokens), ap)
+        logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
     for j, i in enumerate(chunk):
         vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()
         state["values"][i, sl] = vals

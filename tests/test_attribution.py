@@ -160,4 +160,5 @@ def test_zero_and_mean_ablation_attribution():
         with ep.patch(model, g, W, abl):
             met(model(data.clean), data).mean().backward()
         v = g.valid
-        assert torch.allclose(s.scores[v], -W.grad[v], rtol=1e-5, atol=1e-7), kind
+        ref = -W.grad[v]  # same tolerance as the main EAP == autograd test: 1e-6 of the largest score
+        assert torch.allclose(s.scores[v], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), kind

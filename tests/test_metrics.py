@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot
 from edgepatch.data import PromptPairs
 from edgepatch.metrics import (
     METRICS,
@@ -224,3 +225,37 @@ def test_metrics_on_a_real_model_forward():
             metric = metric.prepare(clean)
         assert metric(corrupt, data).shape == (4,)
     torch.testing.assert_close(get_metric("kl_div").prepare(clean)(clean, data), torch.zeros(4), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_final_logits_equal_the_model_output(case):
+    """final_logits skips HookedTransformer's per-forward copy of W_U; the logits must not change, with or
+    without gradients, and no hook may stay behind."""
+    from edgepatch.metrics import final_logits
+
+    model = cached_model(*case)
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 5), generator=torch.Generator().manual_seed(0))
+    ap = torch.tensor([4, 2, 0])
+    with torch.no_grad():
+        model(tokens)  # (TransformerBridge wires its own capture hooks on its first forward)
+        before = model_snapshot(model)
+        b_U = getattr(getattr(model, "unembed", None), "b_U", None)
+        saved = b_U.clone() if isinstance(b_U, torch.Tensor) else None
+        try:
+            if saved is not None:  # random models have a zero unembedding bias: make it count
+                b_U.add_(torch.randn(b_U.shape, generator=torch.Generator().manual_seed(1)))
+            want = model(tokens)
+            got = final_logits(model, tokens)
+            at = final_logits(model, tokens, ap)
+        finally:
+            if saved is not None:
+                b_U.copy_(saved)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+    assert at.shape == (3, 1, model.cfg.d_vocab)
+    assert (at[:, 0] - want[torch.arange(3), ap]).abs().max() <= 1e-5
+    emb = model.embed.W_E if hasattr(model, "embed") and hasattr(model.embed, "W_E") else None
+    if emb is not None and emb.requires_grad:  # the gradient flows through the lean unembedding
+        final_logits(model, tokens, ap).sum().backward()
+        assert emb.grad is not None and emb.grad.abs().sum() > 0
+        model.zero_grad(set_to_none=True)
+    assert_unchanged(model, before)
