@@ -433,6 +433,22 @@ def _gather_answer(x: Tensor, answer_pos: Tensor) -> Tensor:
     return x[torch.arange(rows, device=x.device), ap][:, None]
 
 
+def _lean_unembed(model: Any) -> bool:
+    unembed = getattr(model, "unembed", None)
+    cfg = getattr(model, "cfg", None)
+    return (type(unembed).__name__ == "Unembed" and isinstance(getattr(unembed, "W_U", None), Tensor)
+            and type(model).__name__ == "HookedTransformer" and not getattr(cfg, "output_logits_soft_cap", 0) > 0)
+
+
+def run_without_logits(model: Any, tokens: Tensor, **kwargs: Any) -> None:
+    """Run ``model(tokens)`` for its hooks only: a HookedTransformer stops before the unembedding
+    (``return_type=None``), which is about a third of a GPT-2 forward on CPU."""
+    if _lean_unembed(model):
+        model(tokens, return_type=None, **kwargs)
+    else:
+        model(tokens, **kwargs)
+
+
 def final_logits(model: Any, tokens: Tensor, answer_pos: Tensor | None = None, **kwargs: Any) -> Tensor:
     """``model(tokens, **kwargs)``'s logits, ``[rows, 1, d_vocab]`` at ``answer_pos`` when given.
 
@@ -443,9 +459,7 @@ def final_logits(model: Any, tokens: Tensor, answer_pos: Tensor | None = None, *
     and is removed before returning."""
     unembed = getattr(model, "unembed", None)
     cfg = getattr(model, "cfg", None)
-    lean = (type(unembed).__name__ == "Unembed" and isinstance(getattr(unembed, "W_U", None), Tensor)
-            and type(model).__name__ == "HookedTransformer" and not getattr(cfg, "output_logits_soft_cap", 0) > 0)
-    if not lean:
+    if not _lean_unembed(model):
         logits = model(tokens, **kwargs)
         if answer_pos is not None and logits.shape[1] != 1:
             logits = _gather_answer(logits, answer_pos)

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str
 from edgepatch.graph import Graph, ModelSpec, dest_groups, model_spec
+from edgepatch.metrics import final_logits, run_without_logits
 
 Weights = Union[Tensor, Iterable[str]]
 
@@ -142,11 +143,13 @@ def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head
 
 @torch.no_grad()
 def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections: bool = True,
-                       **forward_kwargs: Any) -> Ablation:
+                       logits_at: Tensor | None | bool = False, **forward_kwargs: Any) -> Any:
     """Run ``model(tokens)`` unpatched and record every source's output: the ablated values of
     corrupted-run patching. ``forward_kwargs`` (e.g. ``attention_mask``) go to the model. With
     ``projections`` (and a model whose q/k/v the engine can recompute), also record the q/k/v
-    projections, which fully ablated head inputs reuse (see :class:`Ablation`).
+    projections, which fully ablated head inputs reuse (see :class:`Ablation`). The run stops before the
+    unembedding unless ``logits_at`` asks for the logits too (``None``: all positions; a ``[batch]`` tensor:
+    those positions only); then it returns ``(ablation, logits)``.
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -174,8 +177,12 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
 
                 hooks.append((f"blocks.{layer}.attn.hook_{kind}", record))
     with _hooks_installed(model, hooks):
-        model(tokens, **forward_kwargs)
-    return Ablation(out["buf"], "corrupt", spec, proj or None)
+        if logits_at is False:
+            run_without_logits(model, tokens, **forward_kwargs)
+        else:
+            logits = final_logits(model, tokens, logits_at, **forward_kwargs)
+    abl = Ablation(out["buf"], "corrupt", spec, proj or None)
+    return abl if logits_at is False else (abl, logits)
 
 
 @torch.no_grad()
