@@ -15,12 +15,21 @@ after ``x_d`` (norm, projections, attention, MLP) runs as the model defines it. 
 masks use.
 
 Intuition for the implementation: the correction is linear, so one forward needs only the differences
-``D_s = o_s - â_s`` of the sources computed so far (a ``[n_src, batch * pos * d_model]`` buffer) and, at each
+``D_s = o_s - â_s`` of the sources computed so far (a ``[n_src, batch, pos, d_model]`` buffer) and, at each
 hook that reads the stream, one matrix product ``(1 - W[:n, dests]).T @ D[:n]`` for all of that hook's
 destinations at once. Head outputs come from ``hook_z`` and ``W_O`` (never TransformerLens's
 ``use_attn_result``). Hooks are plain forward hooks on TransformerLens hook points, removed on exit; the
-flags the engine needs (split q/k/v inputs, ``hook_mlp_in``) are switched on inside the context and
-restored after it.
+flags the engine needs (``hook_mlp_in``) are switched on inside the context and restored after it.
+
+Attention destinations: every head of a layer reads the same residual ``r``, and TransformerLens exposes
+per-head inputs only in its split-input mode, which copies ``r`` per head and normalizes every copy (about
+1.2x a plain forward on CPU by itself). Instead the engine hooks the q/k/v *projections*: for the heads
+whose inputs are patched it computes ``x_h = r - sum_s (1 - w_sh) D_s`` (q, k, v and the layer's MLP input
+in one product), normalizes them with one kernel and projects them (:class:`Projections`); heads whose
+edges are all ablated take the corrupted run's projection (:attr:`Ablation.projections`); other heads keep
+the model's own. Without gradients the buffer is token-major and only the sources a destination needs
+are read (additive or subtractive form, whichever touches fewer). Architectures where that is not
+exact fall back to the split-input mode.
 
 Example
 -------
