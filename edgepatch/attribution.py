@@ -52,6 +52,7 @@ import contextlib
 import difflib
 import math
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -301,7 +302,15 @@ def eap(
     """Edge attribution patching: ``score = (â_s - o_s) · dMetric/dx_d``, one clean forward + backward and
     one ablated (corrupted) forward per batch.
 
-    The scores equal ``-dMetric/dw`` at ``w = 1`` (autograd through :func:`edgepatch.patch`)."""
+    The scores equal ``-dMetric/dw`` at ``w = 1`` (autograd through :func:`edgepatch.patch`). A metric
+    that compares with the clean run (KL divergence) is at its minimum there, so its gradient, and every
+    EAP score, is zero: use EAP-IG for such metrics (a warning says so)."""
+    if getattr(get_metric(metric), "needs_clean", False):
+        warnings.warn(
+            f"eap with metric {metric_name(metric)!r}: this metric compares the patched run with the clean run "
+            f"and is at its minimum at the clean run (all edges kept), where EAP takes its gradient, so every "
+            f"score is ~0. Use method='eap-ig' (integrated gradients) for this metric, or a task metric such "
+            f"as 'logit_diff'.", RuntimeWarning, stacklevel=2)
     return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size,
                        progress=progress, steps=1, variant="inputs", method="eap")
 

@@ -162,3 +162,17 @@ def test_zero_and_mean_ablation_attribution():
         v = g.valid
         ref = -W.grad[v]  # same tolerance as the main EAP == autograd test: 1e-6 of the largest score
         assert torch.allclose(s.scores[v], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), kind
+
+
+def test_eap_with_kl_warns_that_its_gradient_is_zero():
+    """KL to the clean run is at its minimum where EAP takes the gradient: the scores vanish, and EAP says
+    so; EAP-IG's scores do not."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model)
+    with pytest.warns(RuntimeWarning, match="Use method='eap-ig'"):
+        s = eap(model, g, data, "kl_div", progress=False)
+    ig = ep.eap_ig(model, g, data, "kl_div", steps=3, progress=False)
+    v = g.valid
+    assert s.scores[v].abs().max() <= 1e-5 * max(1.0, float(ig.scores[v].abs().max()))
+    assert ig.scores[v].abs().max() > 1e-4
