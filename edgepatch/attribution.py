@@ -66,12 +66,14 @@ from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answe
 from edgepatch.graph import dest_groups
 from edgepatch.patching import (
     Ablation,
+    Projections,
     _check_graph,
     _Engine,
     _Probe,
     activated,
     mean_activations,
     patch,
+    projection_param,
     projections_of,
     source_activations,
     zero_ablation,
@@ -198,21 +200,9 @@ class _ProbeProjection(torch.autograd.Function):
         return grad, None
 
 
-def _projection_weight(model: Any, layer: int, kind: str, n_out: int) -> Tensor:
-    """``W_Q`` / ``W_K`` / ``W_V`` of a layer as ``[n_out heads, d_model, d_head]`` (key/value heads for
-    grouped-query attention, where HookedTransformer's ``W_K`` is repeated over query heads)."""
-    attn = model.blocks[layer].attn
-    W = getattr(attn, f"W_{kind.upper()}")
-    if W.shape[0] != n_out:
-        raw = getattr(attn, f"_W_{kind.upper()}", None)
-        W = raw if raw is not None and raw.shape[0] == n_out else W[:: W.shape[0] // n_out]
-    return W
-
-
-def _norm_fn(model: Any, layer: int) -> Callable[[Tensor], Tensor]:
+def _norm_fn(model: Any, proj: Projections | None, layer: int) -> Callable[[Tensor], Tensor]:
     """The layer's attention-input normalization as a function, computed from its parameters (no hook
     point of the model fires); the module itself where edgepatch does not know its form."""
-    proj = projections_of(model)
     if proj is not None:
         return lambda x: proj.norm(layer, x)
     ln = model.blocks[layer].ln1
@@ -253,6 +243,7 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
         hooks.append((f"blocks.{layer}.hook_resid_pre",
                       lambda module, inp, out, layer=layer: resid.__setitem__(layer, out)))
     d_head = spec.d_head
+    proj = projections_of(model)
     for name, idx, n in dest_groups(graph):
         if name.endswith(("q_input", "k_input", "v_input")):
             layer = int(name.split(".")[1])
@@ -261,8 +252,9 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
             def proj_hook(module: Any, inp: Any, y: Tensor, layer: int = layer, kind: str = kind,
                           idx: Tensor = idx, n: int = n) -> Tensor:
                 n_out = y.shape[2] if y.ndim == 4 else y.shape[-1] // d_head
-                sp = {"W": _projection_weight(model, layer, kind, n_out).detach(), "resid": resid[layer],
-                      "norm": _norm_fn(model, layer), "n": n, "buf": engine.buf, "acc": acc,
+                W = projection_param(model, layer, "W", kind, n_out)
+                assert W is not None
+                sp = {"W": W.detach(), "resid": resid[layer], "norm": _norm_fn(model, proj, layer), "n": n, "buf": engine.buf, "acc": acc,
                       "idx": idx.to(acc.device)}
                 return _ProbeProjection.apply(y, sp)
 

@@ -475,22 +475,26 @@ class Projections:
         return y + b if b is not None else y
 
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
-        """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]``: key/value heads for grouped-query
-        attention (HookedTransformer's ``W_K`` repeats them over query heads; its ``_W_K`` does not)."""
-        attn = self.model.blocks[layer].attn
-        W = getattr(attn, f"W_{kind.upper()}")
-        if W.shape[0] != n_out:
-            raw = getattr(attn, f"_W_{kind.upper()}", None)
-            W = raw if raw is not None and raw.shape[0] == n_out else W[:: W.shape[0] // n_out]
+        """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
+        W = projection_param(self.model, layer, "W", kind, n_out)
+        assert W is not None
         return W
 
     def bias(self, layer: int, kind: str, n_out: int) -> Tensor | None:
-        attn = self.model.blocks[layer].attn
-        b = getattr(attn, f"b_{kind.upper()}", None)
-        if b is not None and b.shape[0] != n_out:
-            raw = getattr(attn, f"_b_{kind.upper()}", None)
-            b = raw if raw is not None and raw.shape[0] == n_out else b[:: b.shape[0] // n_out]
-        return b
+        return projection_param(self.model, layer, "b", kind, n_out)
+
+
+def projection_param(model: Any, layer: int, which: str, kind: str, n_out: int) -> Tensor | None:
+    """``W_Q`` / ``b_Q`` (``which`` "W" / "b", ``kind`` q/k/v) of a layer with ``n_out`` heads first: the
+    key/value heads for grouped-query attention (HookedTransformer's ``W_K`` repeats them over query
+    heads; its ``_W_K`` does not). None for an absent bias."""
+    attn = model.blocks[layer].attn
+    name = f"{which}_{kind.upper()}"
+    t = getattr(attn, name, None)
+    if t is not None and t.shape[0] != n_out:
+        raw = getattr(attn, f"_{name}", None)
+        t = raw if raw is not None and raw.shape[0] == n_out else t[:: t.shape[0] // n_out]
+    return t
 
 
 def projections_of(model: Any) -> Projections | None:
@@ -742,30 +746,10 @@ class _Engine:
                 if partial is not None:
                     return self._finish_partial(x, W, idx_d, n, *partial)
                 return self._sparse_mix(x, W, buf, idx_d, n)
-            if self.slots is None and W.ndim == 3:  # circuits folded into the batch
-                c = W.shape[0]
-                mt = (1 - W[:, :n, idx_d]).transpose(1, 2).contiguous()  # [C, h, n]
-                if not mt.requires_grad and not bool(mt.any()):
-                    return None
-                groups = self._prefix_groups(n)
-                _, b, p, m = buf.shape
-                corr = _Mix.apply(mt, buf[:n].view(n, c, -1), *groups)  # [C, h, X]
-                corr = corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
-            elif self.slots is None:
-                mt = (1 - W[:n, idx_d]).T.contiguous()  # [h, n]
-                if not mt.requires_grad and not bool(mt.any()):
-                    return None
-                groups = self._prefix_groups(n)
-                _, b, p, m = buf.shape
-                corr = _Mix.apply(mt, buf[:n].view(n, -1), *groups)  # [h, b*p*m]
-                corr = corr.view(-1, b, p, m).permute(1, 2, 0, 3)  # [b, p, h, m]
-            else:
-                groups = self._prefix_groups(n)
-                D = torch.cat(groups) if len(groups) > 1 else groups[0]  # [n, b, p, m]
-                slots = self.slots.to(W.device)
-                Wp = torch.cat([W[..., :n, :][..., idx_d], W.new_ones(1, n, len(idx_d))])  # [S+1, n, h]
-                mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, h]
-                corr = torch.einsum("bpnh,nbpm->bphm", mt, D)
+            Wh = W[..., :n, :][..., idx_d]  # [n, h] / [C, n, h] / [slots, n, h]
+            if not Wh.requires_grad and not bool((Wh != 1).any()):
+                return None
+            corr = self._dense_corr(Wh, n)
             if x.ndim == 3:
                 corr = corr[:, :, 0]
             return x - corr
@@ -899,24 +883,28 @@ class _Engine:
         ``[C, n, R]`` with circuits, ``[slots, n, R]`` per position), as ``[batch, pos, R, d_model]``."""
         if self.sparse:
             return self._mixed(r, Wh, n)
+        return r.unsqueeze(2) - self._dense_corr(Wh, n)
+
+    def _dense_corr(self, Wh: Tensor, n: int) -> Tensor:
+        """``sum_{s<n} (1 - w_sh) D_s`` with gradients (to the weights and to the sources) or per-position
+        weights, for the destinations of ``Wh`` (``[n, h]``, ``[C, n, h]`` with circuits folded into the
+        batch, ``[slots, n, h]`` per position), as ``[batch, pos, h, d_model]``."""
         buf = self.buf
         assert buf is not None
         _, b, p, m = buf.shape
-        R = Wh.shape[-1]
         groups = self._prefix_groups(n)
         if self.slots is not None:
             D = torch.cat(groups) if len(groups) > 1 else groups[0]  # [n, b, p, m]
             slots = self.slots.to(Wh.device)
-            Wp = torch.cat([Wh, Wh.new_ones(1, n, R)])  # [S+1, n, R]
-            mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, R]
-            return r.unsqueeze(2) - torch.einsum("bpnh,nbpm->bphm", mt, D)
+            Wp = torch.cat([Wh, Wh.new_ones(1, n, Wh.shape[-1])])  # [S+1, n, h]
+            mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, h]
+            return torch.einsum("bpnh,nbpm->bphm", mt, D)
         if Wh.ndim == 2:
-            corr = _Mix.apply((1 - Wh).T.contiguous(), buf[:n].view(n, -1), *groups)  # [R, X]
-            return (r.reshape(1, -1) - corr).view(R, b, p, m).permute(1, 2, 0, 3)
+            corr = _Mix.apply((1 - Wh).T.contiguous(), buf[:n].view(n, -1), *groups)  # [h, b*p*m]
+            return corr.view(-1, b, p, m).permute(1, 2, 0, 3)
         c = Wh.shape[0]
-        corr = _Mix.apply((1 - Wh).transpose(1, 2).contiguous(), buf[:n].view(n, c, -1), *groups)  # [C, R, X]
-        y = (r.reshape(c, 1, -1) - corr).view(c, R, b // c, p, m)
-        return y.permute(0, 2, 3, 1, 4).reshape(b, p, R, m)
+        corr = _Mix.apply((1 - Wh).transpose(1, 2).contiguous(), buf[:n].view(n, c, -1), *groups)  # [C, h, X]
+        return corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
 
     def _sparse_mix(self, x: Tensor, W: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor | None:
         """A hook input's patched value without gradients (see :meth:`_sparse_rows`)."""
