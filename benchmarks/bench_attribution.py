@@ -17,21 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import edgepatch as ep
-from common import current_memory_mb, emit, interleaved, parse_args, peak_memory_mb, reset_peak
+from common import current_memory_mb, emit, interleaved, parse_args, peak_memory_mb, reset_peak, setup
 
 
 def main() -> None:
     args = parse_args(lambda p: p.add_argument("--ig-steps", type=int, default=5))
     dev = args.device
-    model = ep.random_model(args.preset, model_class=args.model_class, device=dev)
-    graph = ep.build_graph(model)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.cfg.d_vocab
-    clean = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    corrupt = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    answers = torch.randint(0, vocab, (args.batch, 1), generator=gen)
-    wrong = torch.randint(0, vocab, (args.batch, 1), generator=gen)
-    data = ep.PromptPairs.from_tokens(clean, corrupt, answers, wrong).to(dev)
+    model, graph, _, data = setup(args)
     opts = dict(batch_size=args.batch, progress=False)
     with torch.no_grad():
         model(data.clean)  # warm up: the plain forward's own buffers

@@ -16,18 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import edgepatch as ep
-from common import emit, interleaved, parse_args, peak_memory_mb, reset_peak
+from common import emit, interleaved, parse_args, peak_memory_mb, reset_peak, setup
 
 
 def main() -> None:
     args = parse_args()
     dev = args.device
-    model = ep.random_model(args.preset, model_class=args.model_class, device=dev)
-    graph = ep.build_graph(model)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.cfg.d_vocab
-    clean = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(dev)
-    corrupt = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(dev)
+    model, graph, gen, data = setup(args)
+    clean, corrupt = data.clean, data.corrupt
     abl = ep.source_activations(model, graph, corrupt)
     weights = {
         "ones": torch.ones(graph.n_src, graph.n_dest),

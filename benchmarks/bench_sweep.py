@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import edgepatch as ep
-from common import current_memory_mb, emit, parse_args, peak_memory_mb, reset_peak, sync
-from edgepatch.data import PromptPairs
+from common import current_memory_mb, emit, parse_args, peak_memory_mb, reset_peak, setup, sync
 from edgepatch.scores import EdgeScores
 from edgepatch.sweep import edge_counts, sweep
 
@@ -32,15 +31,7 @@ from edgepatch.sweep import edge_counts, sweep
 def main() -> None:
     args = parse_args(lambda p: p.add_argument("--counts", type=int, default=10))
     dev = args.device
-    model = ep.random_model(args.preset, model_class=args.model_class, device=dev)
-    graph = ep.build_graph(model)
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.cfg.d_vocab
-    clean = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    corrupt = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    answers = torch.randint(0, vocab, (args.batch,), generator=gen)
-    wrong = torch.randint(0, vocab, (args.batch,), generator=gen)
-    data = PromptPairs.from_tokens(clean, corrupt, answers, wrong).to(dev)
+    model, graph, gen, data = setup(args)
 
     try:
         from edgepatch.attribution import eap

@@ -36,6 +36,24 @@ def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -
     return args
 
 
+def setup(args: argparse.Namespace) -> tuple[Any, Any, torch.Generator, Any]:
+    """The benchmarks' subject: a random-weight model of ``args.preset`` and ``args.model_class`` on
+    ``args.device``, its graph, a generator seeded 0, and random prompt pairs of ``args.batch`` x
+    ``args.seq`` tokens (one answer and one wrong token each)."""
+    import edgepatch as ep
+
+    model = ep.random_model(args.preset, model_class=args.model_class, device=args.device)
+    graph = ep.build_graph(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.cfg.d_vocab
+    clean = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    corrupt = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
+    answers = torch.randint(0, vocab, (args.batch, 1), generator=gen)
+    wrong = torch.randint(0, vocab, (args.batch, 1), generator=gen)
+    data = ep.PromptPairs.from_tokens(clean, corrupt, answers, wrong).to(args.device)
+    return model, graph, gen, data
+
+
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
