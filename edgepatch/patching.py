@@ -420,6 +420,9 @@ _HT_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
 _BRIDGE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
 _BRIDGE_ATTENTION = ("AttentionBridge", "JointQKVAttentionBridge", "PositionEmbeddingsAttentionBridge",
                      "JointQKVPositionEmbeddingsAttentionBridge")
+# Bridge attention classes whose forward takes batch and positions from the q/k/v projections, not from
+# their input (see Projections.input_hook).
+_BRIDGE_SHAPE_FROM_QKV = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge")
 
 
 class Projections:
@@ -473,6 +476,17 @@ class Projections:
         y = y.to(dtype)
         y = y * w if w is not None else y
         return y + b if b is not None else y
+
+    def input_hook(self, layer: int) -> str | None:
+        """The hook point that carries the layer's normalized attention input to the q/k/v projections,
+        where the rest of the attention takes batch and positions from the projections' outputs (so a
+        hook there may return the input with no positions, and the model's projection does no work); None
+        where there is no such hook point. See :meth:`_Engine._make_input_hook`."""
+        block = self.model.blocks[layer]
+        if self.bridge:
+            return f"blocks.{layer}.attn.hook_in" if type(block.attn).__name__ in _BRIDGE_SHAPE_FROM_QKV else None
+        # HookedTransformer: ln1 runs once for each of q, k and v; its hook_normalized feeds the projection
+        return f"blocks.{layer}.ln1.hook_normalized" if hasattr(block.ln1, "hook_normalized") else None
 
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
         """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
@@ -566,6 +580,7 @@ class _Engine:
         self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form)
         self.resid: dict[int, Tensor] = {}  # projection mode: each layer's input residual
         self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
+        self.owned: set[int] = set()  # layers whose q/k/v the engine computes for all heads (not the model)
         self.partials: dict[int, tuple[Tensor, Tensor, int]] = {}  # MLP / logits dest -> (partial input, r, n)
 
     # -- hooks -----------------------------------------------------------------------------------------
@@ -600,6 +615,9 @@ class _Engine:
                 hooks.append((f"blocks.{layer}.hook_resid_pre", on_resid))
             for kind, _, _ in groups:
                 hooks.append((f"blocks.{layer}.attn.hook_{kind}", self._make_proj_hook(layer, kind)))
+            name = self.proj.input_hook(layer) if self.proj is not None else None
+            if name is not None and name in self.model.hook_dict:
+                hooks.append((name, self._make_input_hook(layer)))
         return hooks
 
     def install(self) -> None:
@@ -757,6 +775,21 @@ class _Engine:
         return hook
 
     # -- projection mode: attention destinations -------------------------------------------------------
+    def _make_input_hook(self, layer: int) -> Callable:
+        """At the layer's attention input (:meth:`Projections.input_hook`): compute the layer's q/k/v.
+        When the engine computes them for every head (:meth:`_project_layer`), pass the model's own
+        projections an input with no positions, so that they cost nothing; the q/k/v hooks then return
+        the engine's values. Not when another hook watches this hook point (its user would see no
+        positions): the model's projections then run as usual and only patched heads are replaced."""
+        def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
+            if self.inactive or self.W is None or self.buf is None:
+                return None
+            if layer not in self.pending:
+                self.pending[layer] = self._project_layer(layer, own=len(module._forward_hooks) == 1)
+            return out[:, :0] if layer in self.owned else None
+
+        return hook
+
     def _make_proj_hook(self, layer: int, kind: str) -> Callable:
         def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
             if self.inactive or self.W is None or self.buf is None:
@@ -769,14 +802,22 @@ class _Engine:
                 self.resid.pop(layer, None)
             if res is None:
                 return None
+            if layer in self.owned:
+                heads, vals, h = res
+                _check_heads(out.unflatten(-1, (-1, vals.shape[-1])) if out.ndim == 3 else out, h)
+                return (vals.flatten(-2) if out.ndim == 3 else vals).to(out.dtype)
             return _put_heads(out, *res)
 
         return hook
 
-    def _project_layer(self, layer: int) -> dict[str, tuple[Tensor, Tensor, int]]:
+    def _project_layer(self, layer: int, own: bool = False) -> dict[str, tuple[Tensor, Tensor, int]]:
         """q/k/v projections of the layer's heads whose inputs differ from the unpatched residual:
         ``norm(x_h) @ W^h + b^h`` with ``x_h = r - sum_s (1 - w_sh) D_s``, one matrix product for all
         of the layer's destinations, one normalization, one batched projection per kind.
+
+        With ``own`` (the model's own projections can be skipped, see :meth:`_make_input_hook`) and some
+        head patched, the layer becomes :attr:`owned`: the unpatched heads are projected here too, from
+        the residual, and every kind's entry holds all heads in order.
 
         Without gradients, the same product also computes the part of the layer's MLP input (and of the
         logits, after the last layer) that comes from the sources before the layer (:attr:`partials`),
@@ -804,8 +845,13 @@ class _Engine:
         out: dict[str, tuple[Tensor, Tensor, int]] = {}
         if cached.numel():
             self._cached_heads(layer, groups, cached, out)
-        if sel.numel() == 0 and not deferred:
+        if sel.numel() == 0 and not deferred and not cached.numel():
             return out
+        if own and (sel.numel() or cached.numel()):
+            self.owned.add(layer)
+            self._clean_heads(layer, groups, torch.cat([sel, cached]), r, out)
+        if sel.numel() == 0 and not deferred:
+            return self._in_order(out) if layer in self.owned else out
         Wh = Wl.index_select(-1, sel)
         if deferred:
             extra = torch.tensor([d for d, _ in deferred], device=W.device)
@@ -815,7 +861,7 @@ class _Engine:
         for i, (d, _) in enumerate(deferred):
             self.partials[d] = (y[:, :, R + i].clone(), r, n)
         if R == 0:
-            return out
+            return self._in_order(out) if layer in self.owned else out
         y = self.proj.norm(layer, y)  # (also normalizes the deferred columns, which are not used)
         start = 0
         b, p, _, m = y.shape
@@ -836,8 +882,44 @@ class _Engine:
             vals = torch.bmm(yk, Wk.to(y.dtype)).view(hi - lo, b, p, -1).permute(1, 2, 0, 3)
             if bk is not None:
                 vals = vals + bk.to(vals.dtype)
-            if kind in out:  # some heads of this kind come from the cache
+            if kind in out:  # other heads of this kind come from the cache (or the residual, when owned)
                 heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
+            out[kind] = (heads, vals, h)
+        return self._in_order(out) if layer in self.owned else out
+
+    def _clean_heads(self, layer: int, groups: list[tuple[str, Tensor, int]], patched: Tensor, r: Tensor,
+                     out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
+        """Owned layers: the projections of the heads not in ``patched``, from the unpatched residual."""
+        assert self.proj is not None
+        keep = torch.ones(sum(len(idx) for _, idx, _ in groups), dtype=torch.bool, device=patched.device)
+        keep[patched] = False
+        if not bool(keep.any()):
+            return
+        rn = self.proj.norm(layer, r)
+        b, p, m = rn.shape
+        start = 0
+        for kind, idx, _ in groups:
+            h = len(idx)
+            heads = keep[start : start + h].nonzero().flatten()
+            start += h
+            if heads.numel() == 0:
+                continue
+            Wk = self.proj.weight(layer, kind, h).index_select(0, heads).to(rn.dtype)
+            bk = self.proj.bias(layer, kind, h)
+            vals = torch.bmm(rn.reshape(1, b * p, m).expand(len(heads), -1, -1), Wk)
+            vals = vals.view(len(heads), b, p, -1).permute(1, 2, 0, 3)
+            if bk is not None:
+                vals = vals + bk.index_select(0, heads).to(vals.dtype)
+            if kind in out:
+                heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
+            out[kind] = (heads, vals, h)
+
+    @staticmethod
+    def _in_order(out: dict[str, tuple[Tensor, Tensor, int]]) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """Owned layers: every kind's heads in order 0..H-1 (each kind's entry covers all its heads)."""
+        for kind, (heads, vals, h) in out.items():
+            if not bool((heads == torch.arange(h, device=heads.device)).all()):
+                vals = vals.index_select(2, torch.argsort(heads))
             out[kind] = (heads, vals, h)
         return out
 
@@ -974,14 +1056,19 @@ def _put_heads(out: Tensor, heads: Tensor, vals: Tensor, n_heads: int) -> Tensor
     TransformerBridge) by ``vals`` ``[b, p, len(heads), d]``, out of place (autograd-safe)."""
     d = vals.shape[-1]
     o4 = out.unflatten(-1, (-1, d)) if out.ndim == 3 else out
+    _check_heads(o4, n_heads)
+    new = o4.index_copy(2, heads, vals.to(out.dtype))
+    return new.flatten(-2) if out.ndim == 3 else new
+
+
+def _check_heads(o4: Tensor, n_heads: int) -> None:
+    """A q/k/v hook output, heads unflattened (``[b, p, H, d]``), has the graph's ``n_heads``."""
     if o4.shape[2] != n_heads:
         raise EdgepatchError(
             f"patch: an attention hook output has {o4.shape[2]} heads where the graph has {n_heads} destinations "
-            f"(shape {shape_str(out.shape)}); models with ungrouped grouped-query attention "
+            f"(shape {shape_str(o4.shape)}); models with ungrouped grouped-query attention "
             f"(cfg.ungroup_grouped_query_attention=True) are not supported."
         )
-    new = o4.index_copy(2, heads, vals.to(out.dtype))
-    return new.flatten(-2) if out.ndim == 3 else new
 
 
 # ------------------------------------------------------------------------------------------------------

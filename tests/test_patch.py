@@ -584,3 +584,50 @@ def test_sparse_and_dense_paths_agree(case):
                 sparse = model(toks)
             dense = model(toks).detach()  # parameters require grad: the dense path
         assert (sparse - dense).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+@pytest.mark.parametrize("split", [True, False])
+def test_engine_projections_of_all_heads_agree(case, split):
+    """In a layer with some patched head, the engine computes q/k/v of every head itself and passes the
+    model's own projections no positions. Unless another hook watches that input: then the model's
+    projections run and only patched heads are replaced. Both must give the reference's logits, with
+    clean, fully ablated (served from the corrupted run) and mixed heads in the same layer."""
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    clean, corrupt = tokens(model, seed=21), tokens(model, seed=22)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(23))
+    for d, name in enumerate(g.dest_names):
+        if re.match(r"a\d+\.(h|kv)0\b", name):
+            W[:, d] = 1.0  # clean head
+        elif re.match(r"a\d+\.(h|kv)1\b", name):
+            W[:, d] = 0.0  # fully ablated head
+    abl = ep.source_activations(model, g, corrupt)
+    proj = patching.projections_of(model)
+    hook_names = [proj.input_hook(layer) for layer in range(model.cfg.n_layers)] if proj else []
+    seen: list[int] = []
+
+    def watch(t, hook):
+        seen.append(t.shape[1])
+
+    got = {}
+    with torch.no_grad():
+        for mode in ("engine", "watched"):
+            with ep.patch(model, g, W, abl):
+                engine = patching.active_patch(model)
+                if mode == "watched":
+                    for name in filter(None, hook_names):
+                        model.hook_dict[name].add_hook(watch)
+                try:
+                    got[mode] = model(clean)
+                    owned = set(engine.owned)
+                finally:
+                    model.reset_hooks(including_permanent=False)
+            expected = set(range(model.cfg.n_layers)) if mode == "engine" and any(hook_names) else set()
+            assert owned == expected, mode
+        want = reference_patched(model, g, W, clean, corrupt)
+    if any(hook_names):  # a watcher of the attention input sees every token
+        assert seen and all(p == clean.shape[1] for p in seen)
+    for mode in got:
+        assert (got[mode] - want).abs().max() <= ATOL, mode
+    assert not any(hp._forward_hooks for hp in model.hook_dict.values())
