@@ -48,6 +48,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -308,7 +309,9 @@ def _bridge_capture_state(model: Any) -> dict[int, tuple[Any, bool, Any]]:
     """TransformerBridge blocks wire forward pre-hooks lazily once split q/k/v inputs are on (and keep a
     reference to the last residual): remember which were unwired so that exit can undo exactly that."""
     state = {}
-    for module in model.modules():
+    if not hasattr(model, "original_model"):  # not a TransformerBridge
+        return state
+    for module in getattr(model, "blocks", ()):
         if hasattr(module, "_teardown_capture_hooks") and hasattr(module, "_capture_hooks_wired"):
             attn = getattr(module, "submodules", {}).get("attn") if getattr(module, "submodules", None) else None
             state[id(module)] = (module, bool(module._capture_hooks_wired),
@@ -325,11 +328,14 @@ def _restore_bridge_capture_state(model: Any, state: dict[int, tuple[Any, bool, 
             attn._captured_pre_ln_residual = captured
 
 
-def _hook_point(model: Any, name: str, hook_dict: dict[str, Any] | None = None) -> Any:
-    """The hook point ``name``. Pass ``hook_dict`` when looking up many: TransformerBridge rebuilds its
-    ``hook_dict`` (about 10 ms for GPT-2 small) on every access."""
-    hp = (model.hook_dict if hook_dict is None else hook_dict).get(name)
-    if hp is None:
+def _hook_point(model: Any, name: str) -> Any:
+    """The hook point ``name``, found by attribute access (TransformerBridge rebuilds its ``hook_dict``,
+    about 10 ms for GPT-2 small, on every access; its attributes resolve the same aliases)."""
+    try:
+        hp = functools.reduce(getattr, name.split("."), model)
+    except AttributeError:
+        hp = model.hook_dict.get(name)
+    if not isinstance(hp, torch.nn.Module):
         raise EdgepatchError(
             f"The model has no hook point {name!r}, which edgepatch needs. Supported models are "
             f"TransformerLens HookedTransformer and TransformerBridge with standard hook names."
@@ -341,9 +347,8 @@ def _hook_point(model: Any, name: str, hook_dict: dict[str, Any] | None = None) 
 def _hooks_installed(model: Any, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
     handles = []
     try:
-        hook_dict = model.hook_dict
         for name, fn in hooks:
-            handles.append(_hook_point(model, name, hook_dict).register_forward_hook(fn))
+            handles.append(_hook_point(model, name).register_forward_hook(fn))
         yield
     finally:
         for h in handles:
@@ -484,7 +489,8 @@ class Projections:
         where there is no such hook point. See :meth:`_Engine._make_input_hook`."""
         block = self.model.blocks[layer]
         if self.bridge:
-            return f"blocks.{layer}.attn.hook_in" if type(block.attn).__name__ in _BRIDGE_SHAPE_FROM_QKV else None
+            ok = type(block.attn).__name__ in _BRIDGE_SHAPE_FROM_QKV and hasattr(block.attn, "hook_in")
+            return f"blocks.{layer}.attn.hook_in" if ok else None
         # HookedTransformer: ln1 runs once for each of q, k and v; its hook_normalized feeds the projection
         return f"blocks.{layer}.ln1.hook_normalized" if hasattr(block.ln1, "hook_normalized") else None
 
@@ -616,16 +622,15 @@ class _Engine:
             for kind, _, _ in groups:
                 hooks.append((f"blocks.{layer}.attn.hook_{kind}", self._make_proj_hook(layer, kind)))
             name = self.proj.input_hook(layer) if self.proj is not None else None
-            if name is not None and name in self.model.hook_dict:
+            if name is not None:
                 hooks.append((name, self._make_input_hook(layer)))
         return hooks
 
     def install(self) -> None:
         if self.hook_specs is None:
             self.hook_specs = self.hook_list()
-        hook_dict = self.model.hook_dict
         for name, fn in self.hook_specs:
-            self.handles.append(_hook_point(self.model, name, hook_dict).register_forward_hook(fn))
+            self.handles.append(_hook_point(self.model, name).register_forward_hook(fn))
 
     def remove(self) -> None:
         for h in self.handles:
