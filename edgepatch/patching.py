@@ -494,6 +494,24 @@ class Projections:
         # HookedTransformer: ln1 runs once for each of q, k and v; its hook_normalized feeds the projection
         return f"blocks.{layer}.ln1.hook_normalized" if hasattr(block.ln1, "hook_normalized") else None
 
+    def output_hooks(self, layer: int) -> tuple[str, str, tuple[str, ...]] | None:
+        """``(z, attention output, in between)``: the hook points of the per-head values ``z``, of the
+        attention output ``sum_h z_h W_O^h + b_O`` as the residual stream receives it, and those that fire
+        between the two. Where the attention output is exactly that sum (no normalization after the
+        attention, no per-head result hook), a hook at ``z`` may return ``z`` with no positions, so that
+        the model's output projection does no work, and the hook at the output returns the sum; None
+        elsewhere. See :meth:`_Engine._make_z_hook`."""
+        block = self.model.blocks[layer]
+        cfg = self.model.cfg
+        z, out = f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"
+        if self.bridge:
+            if type(block.attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV or getattr(cfg, "use_attn_result", False):
+                return None
+            return z, out, (f"blocks.{layer}.attn.o.hook_out", f"blocks.{layer}.attn.hook_hidden_states")
+        if getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "use_attn_result", False):
+            return None
+        return z, out, ()
+
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
         """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
         W = projection_param(self.model, layer, "W", kind, n_out)
@@ -588,6 +606,8 @@ class _Engine:
         self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
         self.owned: set[int] = set()  # layers whose q/k/v the engine computes for all heads (not the model)
         self.partials: dict[int, tuple[Tensor, Tensor, int]] = {}  # MLP / logits dest -> (partial input, r, n)
+        self.attn_out: dict[int, Tensor] = {}  # layer -> attention output computed from the head outputs
+        self.summed: set[int] = set()  # layers whose attention output came from attn_out (not the model)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def hook_list(self) -> list[tuple[str, Callable]]:
@@ -602,6 +622,14 @@ class _Engine:
                 self.resid[0] = out
 
         hooks[0] = (name0, on_input)
+        if self.proj is not None:
+            for i, (name, _) in enumerate(hooks):
+                if name.endswith(".attn.hook_z"):
+                    layer = int(name.split(".")[1])
+                    names = self.proj.output_hooks(layer)
+                    if names is not None:
+                        hooks[i] = (name, self._make_z_hook(layer, names[2]))
+                        hooks.append((names[1], self._make_attn_out_hook(layer)))
         attn: dict[int, list[tuple[str, Tensor, int]]] = {}
         self.deferred: dict[int, list[tuple[int, int]]] = {}  # layer -> [(MLP / logits destination, n)]
         for name, idx, n in self.plan:
@@ -780,6 +808,36 @@ class _Engine:
         return hook
 
     # -- projection mode: attention destinations -------------------------------------------------------
+    def _make_z_hook(self, layer: int, between: tuple[str, ...]) -> Callable:
+        """The source hook of the layer's heads (at ``hook_z``): record their outputs ``z_h W_O^h``.
+        Their sum plus ``b_O`` is the attention output: keep it for the output hook and pass the model's
+        output projection ``z`` with no positions, so that it does no work (not when another hook watches
+        ``z`` or the hook points up to the attention output, see :meth:`Projections.output_hooks`)."""
+        start = self.graph.engine_graph.head_src_slice(layer).start
+        watched = [_hook_point(self.model, name) for name in between]
+
+        def hook(module: Any, inp: Any, z: Tensor) -> Tensor | None:
+            if self.inactive:
+                return None
+            outs = head_outputs(self.model, layer, z)
+            self._sink(start, outs)
+            if len(module._forward_hooks) != 1 or any(w._forward_hooks for w in watched):
+                return None
+            b_O = self.model.blocks[layer].attn.b_O
+            total = outs.sum(0)
+            self.attn_out[layer] = total + b_O.to(total.dtype) if b_O is not None else total
+            self.summed.add(layer)
+            return z[:, :0]
+
+        return hook
+
+    def _make_attn_out_hook(self, layer: int) -> Callable:
+        def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
+            total = self.attn_out.pop(layer, None)
+            return None if total is None else total.to(out.dtype)
+
+        return hook
+
     def _make_input_hook(self, layer: int) -> Callable:
         """At the layer's attention input (:meth:`Projections.input_hook`): compute the layer's q/k/v.
         When the engine computes them for every head (:meth:`_project_layer`), pass the model's own

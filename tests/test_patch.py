@@ -590,8 +590,9 @@ def test_sparse_and_dense_paths_agree(case):
 @pytest.mark.parametrize("split", [True, False])
 def test_engine_projections_of_all_heads_agree(case, split):
     """In a layer with some patched head, the engine computes q/k/v of every head itself and passes the
-    model's own projections no positions. Unless another hook watches that input: then the model's
-    projections run and only patched heads are replaced. Both must give the reference's logits, with
+    model's own projections no positions; likewise the attention output, from the per-head outputs it
+    records anyway. Unless another hook watches the attention input or ``z``: then the model's own
+    computation runs and only patched heads are replaced. Both must give the reference's logits, with
     clean, fully ablated (served from the corrupted run) and mixed heads in the same layer."""
     model = cached_model(*case)
     g = ep.build_graph(model, split_qkv=split)
@@ -604,7 +605,10 @@ def test_engine_projections_of_all_heads_agree(case, split):
             W[:, d] = 0.0  # fully ablated head
     abl = ep.source_activations(model, g, corrupt)
     proj = patching.projections_of(model)
-    hook_names = [proj.input_hook(layer) for layer in range(model.cfg.n_layers)] if proj else []
+    n_layers = model.cfg.n_layers
+    hook_names = [proj.input_hook(layer) for layer in range(n_layers)] if proj else []
+    out_hooks = [proj.output_hooks(layer) for layer in range(n_layers)] if proj else []
+    hook_names += [names[0] for names in out_hooks if names is not None]  # hook_z
     seen: list[int] = []
 
     def watch(t, hook):
@@ -620,13 +624,14 @@ def test_engine_projections_of_all_heads_agree(case, split):
                         model.hook_dict[name].add_hook(watch)
                 try:
                     got[mode] = model(clean)
-                    owned = set(engine.owned)
+                    owned, summed = set(engine.owned), set(engine.summed)
                 finally:
                     model.reset_hooks(including_permanent=False)
-            expected = set(range(model.cfg.n_layers)) if mode == "engine" and any(hook_names) else set()
-            assert owned == expected, mode
+            every = set(range(n_layers)) if mode == "engine" else set()
+            assert owned == (every if any(n is not None for n in hook_names[:n_layers]) else set()), mode
+            assert summed == (every if any(out_hooks) else set()), mode
         want = reference_patched(model, g, W, clean, corrupt)
-    if any(hook_names):  # a watcher of the attention input sees every token
+    if any(hook_names):  # a watcher of the attention input or of z sees every token
         assert seen and all(p == clean.shape[1] for p in seen)
     for mode in got:
         assert (got[mode] - want).abs().max() <= ATOL, mode
