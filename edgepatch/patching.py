@@ -601,7 +601,7 @@ class _Engine:
         self.filled = 0
         self.inactive = False  # no destination changes in this forward: skip all work
         self.sparse = False  # no gradient needed: gather only the sources a hook uses
-        self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form)
+        self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form; lazy)
         self.resid: dict[int, Tensor] = {}  # projection mode: each layer's input residual
         self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
         self.owned: set[int] = set()  # layers whose q/k/v the engine computes for all heads (not the model)
@@ -750,8 +750,6 @@ class _Engine:
                     torch.sub(out.view(n, c, -1, *out.shape[2:]), a[:, None], out=dst.view(n, c, -1, *dst.shape[2:]))
                 else:
                     torch.sub(out, a, out=dst)
-                if self.sparse and start in self.prefix_sums:
-                    self.prefix_sums[start + n] = self.prefix_sums[start] + dst.sum(0)
             self.filled = max(self.filled, start + n)
             return
         if self.n_circuits and a.shape[1] not in (1, out.shape[1]):
@@ -765,8 +763,6 @@ class _Engine:
             self.buf[start : start + n] = diff
         self.groups.append((start, diff))
         self.filled = max(self.filled, start + n)
-        if self.sparse and start in self.prefix_sums:
-            self.prefix_sums[start + n] = self.prefix_sums[start] + diff.sum(0)
 
     def _prefix_groups(self, n: int) -> list[Tensor]:
         out, covered = [], 0
@@ -1070,7 +1066,7 @@ class _Engine:
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
         r4 = r if r.ndim == 4 else r.unsqueeze(2)
-        base = r4 - self.prefix_sums[n].unsqueeze(2) if additive else r4
+        base = r4 - self._prefix_sum(n).unsqueeze(2) if additive else r4
         if rows.numel() == 0:
             return base.expand(b, p, h, m)
         coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
@@ -1103,6 +1099,15 @@ class _Engine:
         y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m)).view(b, p, h, m)  # [C, b/C * p, h, m]
         return y if base is None else y.add_(base)
 
+    def _prefix_sum(self, n: int) -> Tensor:
+        """``sum_{s<n} D_s`` (``[b, p, d_model]``), from the longest prefix summed so far: computed only
+        when the additive form needs it (sparse circuits), not in every forward."""
+        k = max(j for j in self.prefix_sums if j <= n)
+        if k < n:
+            store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]
+            self.prefix_sums[n] = self.prefix_sums[k] + store[:, :, k:n].sum(2)
+        return self.prefix_sums[n]
+
     def _sparse_rows(self, Wh: Tensor, n: int) -> tuple[Tensor, bool]:
         """No-gradient path. ``x_d = r_d - sum_s (1 - w_sd) D_s`` touches the sources with some w != 1;
         the same value ``(r_d - sum_{s<n} D_s) + sum_s w_sd D_s`` touches those with some w != 0. Use the
@@ -1110,7 +1115,7 @@ class _Engine:
         h = Wh.shape[-1]
         sub_rows = (Wh != 1).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
         add_rows = (Wh != 0).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
-        additive = add_rows.numel() < sub_rows.numel() and n in self.prefix_sums
+        additive = add_rows.numel() < sub_rows.numel() and n <= self.filled
         return (add_rows if additive else sub_rows), additive
 
 
