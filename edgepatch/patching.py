@@ -26,10 +26,14 @@ per-head inputs only in its split-input mode, which copies ``r`` per head and no
 1.2x a plain forward on CPU by itself). Instead the engine hooks the q/k/v *projections*: for the heads
 whose inputs are patched it computes ``x_h = r - sum_s (1 - w_sh) D_s`` (q, k, v and the layer's MLP input
 in one product), normalizes them with one kernel and projects them (:class:`Projections`); heads whose
-edges are all ablated take the corrupted run's projection (:attr:`Ablation.projections`); other heads keep
-the model's own. Without gradients the buffer is token-major and only the sources a destination needs
-are read (additive or subtractive form, whichever touches fewer). Architectures where that is not
-exact fall back to the split-input mode.
+edges are all ablated take the corrupted run's projection (:attr:`Ablation.projections`). In a layer with
+any such head the engine projects the unpatched heads too and hands the model's own q/k/v projections an
+input with no positions, so they cost nothing; likewise the attention output is the sum of the per-head
+outputs the engine records anyway, and the model's output projection gets no positions. Both only where
+no other hook watches the hook points involved (a user's hook there sees the usual tensors). Without
+gradients the buffer is token-major and only the sources a destination needs are read (additive or
+subtractive form, whichever touches fewer). Architectures where that is not exact fall back to the
+split-input mode.
 
 Example
 -------
