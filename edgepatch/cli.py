@@ -16,6 +16,7 @@ continue where it stopped (``--no-resume`` starts over).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -91,6 +92,26 @@ def _device(arg: str | None) -> str:
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {arg}: CUDA is not available on this machine; use --device cpu.")
     return arg
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool) -> Any:
+    """``--no-progress`` also silences transformers' / the hub's loading bars (restored afterwards)."""
+    if enabled:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _load(args: argparse.Namespace, device: str) -> Any:
@@ -201,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
 
     t = time.perf_counter()
-    model = _load(args, device)
+    with _loading_bars(args.progress):
+        model = _load(args, device)
     record["timings"]["load_model_s"] = time.perf_counter() - t
     graph = ep.build_graph(model, split_qkv=not args.joint_qkv)
     data = _task(args, model)

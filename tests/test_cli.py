@@ -83,3 +83,8 @@ def test_sweep_on_smollm2(tmp_path, capsys):
                      "--n-prompts", "8", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["results"][0]["clean"] > 0  # the real model does IOI
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "s/it]" not in err, err[-500:]  # no progress bars, transformers' included
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # and transformers' setting is restored
