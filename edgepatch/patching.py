@@ -507,14 +507,19 @@ class Projections:
         elsewhere. See :meth:`_Engine._make_z_hook`."""
         block = self.model.blocks[layer]
         cfg = self.model.cfg
-        z, out = f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"
+        z = f"blocks.{layer}.attn.hook_z"
         if self.bridge:
-            if type(block.attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV or getattr(cfg, "use_attn_result", False):
+            attn = block.attn
+            if (type(attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV or getattr(cfg, "use_attn_result", False)
+                    or not hasattr(attn, "hook_out")):
                 return None
-            return z, out, (f"blocks.{layer}.attn.o.hook_out", f"blocks.{layer}.attn.hook_hidden_states")
+            between = [f"blocks.{layer}.attn.o.hook_out"] if hasattr(getattr(attn, "o", None), "hook_out") else []
+            if hasattr(attn, "hook_hidden_states"):
+                between.append(f"blocks.{layer}.attn.hook_hidden_states")
+            return z, f"blocks.{layer}.attn.hook_out", tuple(between)
         if getattr(cfg, "use_normalization_before_and_after", False) or getattr(cfg, "use_attn_result", False):
             return None
-        return z, out, ()
+        return z, f"blocks.{layer}.hook_attn_out", ()
 
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
         """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
