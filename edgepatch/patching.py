@@ -826,7 +826,7 @@ class _Engine:
                 return None
             outs = head_outputs(self.model, layer, z)
             self._sink(start, outs)
-            if len(module._forward_hooks) != 1 or any(w._forward_hooks for w in watched):
+            if not _alone(module, 1) or not all(_alone(w, 0) for w in watched):
                 return None
             b_O = self.model.blocks[layer].attn.b_O
             total = outs.sum(0)
@@ -853,7 +853,7 @@ class _Engine:
             if self.inactive or self.W is None or self.buf is None:
                 return None
             if layer not in self.pending:
-                self.pending[layer] = self._project_layer(layer, own=len(module._forward_hooks) == 1)
+                self.pending[layer] = self._project_layer(layer, own=_alone(module, 1))
             return out[:, :0] if layer in self.owned else None
 
         return hook
@@ -1126,6 +1126,13 @@ class _Engine:
         add_rows = (Wh != 0).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
         additive = add_rows.numel() < sub_rows.numel() and n <= self.filled
         return (add_rows if additive else sub_rows), additive
+
+
+def _alone(hook_point: Any, ours: int) -> bool:
+    """Whether no hook but the engine's ``ours`` forward hooks is on ``hook_point``: none before it, none
+    after it, none in the backward pass (which would see the tensors the engine shortens)."""
+    return (len(hook_point._forward_hooks) == ours and not hook_point._forward_pre_hooks
+            and not hook_point._backward_hooks and not hook_point._backward_pre_hooks)
 
 
 def _put_heads(out: Tensor, heads: Tensor, vals: Tensor, n_heads: int) -> Tensor:

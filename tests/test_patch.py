@@ -591,7 +591,7 @@ def test_sparse_and_dense_paths_agree(case):
 def test_engine_projections_of_all_heads_agree(case, split):
     """In a layer with some patched head, the engine computes q/k/v of every head itself and passes the
     model's own projections no positions; likewise the attention output, from the per-head outputs it
-    records anyway. Unless another hook watches the attention input or ``z``: then the model's own
+    records anyway. Unless another hook (forward or backward) watches the attention input or ``z``: the own
     computation runs and only patched heads are replaced. Both must give the reference's logits, with
     clean, fully ablated (served from the corrupted run) and mixed heads in the same layer."""
     model = cached_model(*case)
@@ -616,12 +616,12 @@ def test_engine_projections_of_all_heads_agree(case, split):
 
     got = {}
     with torch.no_grad():
-        for mode in ("engine", "watched"):
+        for mode in ("engine", "watched", "watched in the backward pass"):
             with ep.patch(model, g, W, abl):
                 engine = patching.active_patch(model)
-                if mode == "watched":
+                if mode != "engine":
                     for name in filter(None, hook_names):
-                        model.hook_dict[name].add_hook(watch)
+                        model.hook_dict[name].add_hook(watch, dir="fwd" if mode == "watched" else "bwd")
                 try:
                     got[mode] = model(clean)
                     owned, summed = set(engine.owned), set(engine.summed)
