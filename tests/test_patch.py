@@ -591,9 +591,9 @@ def test_sparse_and_dense_paths_agree(case):
 def test_engine_projections_of_all_heads_agree(case, split):
     """In a layer with some patched head, the engine computes q/k/v of every head itself and passes the
     model's own projections no positions; likewise the attention output, from the per-head outputs it
-    records anyway. Unless another hook (forward or backward) watches the attention input or ``z``: the own
-    computation runs and only patched heads are replaced. Both must give the reference's logits, with
-    clean, fully ablated (served from the corrupted run) and mixed heads in the same layer."""
+    records anyway. Unless another hook (forward or backward) watches the attention input or ``z``: then
+    the model's own computation runs and only patched heads are replaced. Both must give the reference's
+    logits, with clean, fully ablated (served from the corrupted run) and mixed heads in the same layer."""
     model = cached_model(*case)
     g = ep.build_graph(model, split_qkv=split)
     clean, corrupt = tokens(model, seed=21), tokens(model, seed=22)
