@@ -940,20 +940,27 @@ class _Engine:
             start += h
             if hi == lo:
                 continue
-            heads = sel[lo:hi] - (start - h)
-            Wk = self.proj.weight(layer, kind, h)
-            bk = self.proj.bias(layer, kind, h)
-            if hi - lo != h:
-                Wk = Wk.index_select(0, heads)
-                bk = bk.index_select(0, heads) if bk is not None else None
             yk = y[:, :, lo:hi].reshape(b * p, hi - lo, m).transpose(0, 1)  # [R_k, b*p, m], a view
-            vals = torch.bmm(yk, Wk.to(y.dtype)).view(hi - lo, b, p, -1).permute(1, 2, 0, 3)
-            if bk is not None:
-                vals = vals + bk.to(vals.dtype)
-            if kind in out:  # other heads of this kind come from the cache (or the residual, when owned)
-                heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
-            out[kind] = (heads, vals, h)
+            self._project_heads(layer, kind, h, sel[lo:hi] - (start - h), yk, (b, p), out)
         return self._in_order(out) if layer in self.owned else out
+
+    def _project_heads(self, layer: int, kind: str, h: int, heads: Tensor, xs: Tensor, bp: tuple[int, int],
+                       out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
+        """``xs_j @ W^h + b^h`` for the ``heads`` of ``kind`` (of ``h``), from their normalized inputs ``xs``
+        (``[len(heads), b*p, d_model]``), joined to the heads of ``kind`` already in ``out`` (from the
+        cache, the residual or the mixed inputs)."""
+        assert self.proj is not None
+        Wk = self.proj.weight(layer, kind, h)
+        bk = self.proj.bias(layer, kind, h)
+        if len(heads) != h:
+            Wk = Wk.index_select(0, heads)
+            bk = bk.index_select(0, heads) if bk is not None else None
+        vals = torch.bmm(xs, Wk.to(xs.dtype)).view(len(heads), *bp, -1).permute(1, 2, 0, 3)
+        if bk is not None:
+            vals = vals + bk.to(vals.dtype)
+        if kind in out:
+            heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
+        out[kind] = (heads, vals, h)
 
     def _clean_heads(self, layer: int, groups: list[tuple[str, Tensor, int]], patched: Tensor, r: Tensor,
                      out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
@@ -970,17 +977,9 @@ class _Engine:
             h = len(idx)
             heads = keep[start : start + h].nonzero().flatten()
             start += h
-            if heads.numel() == 0:
-                continue
-            Wk = self.proj.weight(layer, kind, h).index_select(0, heads).to(rn.dtype)
-            bk = self.proj.bias(layer, kind, h)
-            vals = torch.bmm(rn.reshape(1, b * p, m).expand(len(heads), -1, -1), Wk)
-            vals = vals.view(len(heads), b, p, -1).permute(1, 2, 0, 3)
-            if bk is not None:
-                vals = vals + bk.index_select(0, heads).to(vals.dtype)
-            if kind in out:
-                heads, vals = torch.cat([out[kind][0], heads]), torch.cat([out[kind][1], vals], dim=2)
-            out[kind] = (heads, vals, h)
+            if heads.numel():
+                self._project_heads(layer, kind, h, heads, rn.reshape(1, b * p, m).expand(len(heads), -1, -1),
+                                    (b, p), out)
 
     @staticmethod
     def _in_order(out: dict[str, tuple[Tensor, Tensor, int]]) -> dict[str, tuple[Tensor, Tensor, int]]:
