@@ -65,7 +65,6 @@ Example
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -73,7 +72,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -413,9 +412,6 @@ def _metric_name(metric: Any, resolved: Any) -> str:
     return str(getattr(resolved, "metric_name", None) or getattr(resolved, "__name__", None) or type(resolved).__name__)
 
 
-_is_builtin = reads_answer_only
-
-
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -428,9 +424,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-_answer_logits = answer_logits
 
 
 # Circuits folded into one forward share its weights' reads, but the engine's per-layer temporaries grow
@@ -621,7 +614,7 @@ def sweep(
             _atomic_save(state, progress_path, {"edgepatch": json.dumps({"fingerprint": fingerprint, "items": items})})
 
     # ---- run ---------------------------------------------------------------------------------------------
-    fast = _is_builtin(resolved)
+    fast = reads_answer_only(resolved)
     needs_clean = bool(getattr(resolved, "needs_clean", False))
     if getattr(model, "training", False):
         warnings.warn("sweep: the model is in training mode (dropout is active), so values are random; call "
@@ -741,8 +734,8 @@ def _run_batch(
     b = len(batch)
     clean_tok = batch.clean[:, :pos]
     ap = batch.answer_pos if fast else None
-    mdata = _metric_data(batch) if fast else batch
-    with _answer_logits(model, ap):
+    mdata = answer_view(batch) if fast else batch
+    with answer_logits(model, ap):
         if abl_kind == "corrupt":
             # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
             # ablated) and the corrupted run's source outputs (the ablation)
@@ -776,9 +769,6 @@ def _run_batch(
                             sl=sl, state=state)
             save_state()
             bar.update(1)
-
-
-_metric_data = answer_view
 
 
 def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:
