@@ -65,6 +65,7 @@ from edgepatch.masks import frozen
 from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only
 from edgepatch.graph import dest_groups
 from edgepatch.patching import (
+    _PROJECTION_FLAGS,
     Ablation,
     Projections,
     _check_graph,
@@ -265,9 +266,8 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
 
             hooks.append((name, dest_hook))
     engine.hook_specs = hooks
-    flags = {"use_attn_in": False, "use_split_qkv_input": False, "use_hook_mlp_in": True}
     try:
-        with activated(model, engine, flags):
+        with activated(model, engine, _PROJECTION_FLAGS):  # no split inputs: the probe reads the projections
             yield engine
     finally:
         resid.clear()
