@@ -20,7 +20,7 @@ from edgepatch.loading import load_model
 from edgepatch.masks import EdgeMasks, make_mask_fn, mask_fn, train_masks
 from edgepatch.metrics import get_metric, normalized_faithfulness
 from edgepatch.models import random_model
-from edgepatch.patching import Ablation, mean_activations, patch, source_activations, zero_ablation
+from edgepatch.patching import Ablation, mean_activations, patch, release_buffers, source_activations, zero_ablation
 from edgepatch.scores import EdgeScores
 from edgepatch.evaluation import circuit_recovery, roc
 from edgepatch.planted import planted_model, verify_planting
