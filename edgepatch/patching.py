@@ -976,38 +976,92 @@ class _Engine:
         if deferred:
             extra = torch.tensor([d for d, _ in deferred], device=W.device)
             Wh = torch.cat([Wh, W[..., :n, :].index_select(-1, extra)], dim=-1)
-        y = self._head_inputs(r, Wh, n)  # [b, p, R, m]
         R = sel.numel()
-        for i, (d, _) in enumerate(deferred):
-            self.partials[d] = (y[:, :, R + i].clone(), r, n)
-        if R == 0:
-            return self._in_order(out) if layer in self.owned else out
-        y = self.proj.norm(layer, y)  # (also normalizes the deferred columns, which are not used)
+        spans = []  # (kind, h, rows lo:hi of the mixed inputs, which heads)
         start = 0
-        b, p, _, m = y.shape
         for kind, idx, _ in groups:
             h = len(idx)
             lo = int(torch.searchsorted(sel, start))
             hi = int(torch.searchsorted(sel, start + h))
+            if hi > lo:
+                spans.append((kind, h, lo, hi, sel[lo:hi] - start))
             start += h
-            if hi == lo:
-                continue
-            yk = y[:, :, lo:hi].reshape(b * p, hi - lo, m).transpose(0, 1)  # [R_k, b*p, m], a view
-            self._project_heads(layer, kind, h, sel[lo:hi] - (start - h), yk, (b, p), out)
+        b, p, m = r.shape
+        hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
+        if self.sparse and b * p > _CHUNK_TOKENS:
+            projected = self._mix_project_chunked(layer, r, Wh, n, R, spans, [W for W, _ in hw], deferred)
+        else:
+            y = self._head_inputs(r, Wh, n)  # [b, p, R, m]
+            for i, (d, _) in enumerate(deferred):
+                self.partials[d] = (y[:, :, R + i].clone(), r, n)
+            if R == 0:
+                return self._in_order(out) if layer in self.owned else out
+            y = self.proj.norm(layer, y)  # (also normalizes the deferred columns, which are not used)
+            projected = []
+            for (_, _, lo, hi, _), (Wk, _) in zip(spans, hw):
+                yk = y[:, :, lo:hi].reshape(b * p, hi - lo, m).transpose(0, 1)  # [R_k, b*p, m], a view
+                projected.append(torch.bmm(yk, Wk.to(yk.dtype)))
+        for (kind, h, _, _, heads), vals, (_, bk) in zip(spans, projected, hw):
+            self._join_heads(kind, h, heads, vals, bk, (b, p), out)
         return self._in_order(out) if layer in self.owned else out
+
+    def _mix_project_chunked(self, layer: int, r: Tensor, Wh: Tensor, n: int, R: int,
+                             spans: list[tuple[str, int, int, int, Tensor]], weights: list[Tensor],
+                             deferred: list[tuple[int, int]]) -> list[Tensor]:
+        """:meth:`_project_layer`'s mixing, normalization and projection (no gradient), token block by
+        token block (at most ``_CHUNK_TOKENS``, within one circuit): the per-layer temporaries (the mixed
+        inputs and their normalization, ``tokens x R x d_model``) then stay in the CPU caches and under the
+        size the C allocator maps afresh for every allocation (page faults). GPT-2 small, batch 32 x 16,
+        random weights: patched / plain forward 1.88 -> 1.49 (TransformerBridge), 1.75 -> 1.67
+        (HookedTransformer); blocks of 64 tokens are slower again. Returns each span's projections
+        ``[R_k, b*p, d_head]`` (no bias) and records the deferred partial inputs."""
+        assert self.proj is not None
+        b, p, m = r.shape
+        T = b * p
+        per = T // max(self.n_circuits, 1)  # tokens per circuit
+        flat_r = r.reshape(T, 1, m)
+        parts = [r.new_empty(b, p, m) for _ in deferred]
+        weights = [W.to(r.dtype) for W in weights]
+        pieces: list[list[Tensor]] = [[] for _ in spans]
+        t0 = 0
+        while t0 < T:
+            c, within = divmod(t0, per)
+            t1 = min(t0 + _CHUNK_TOKENS, t0 - within + per)  # not past the circuit's last token
+            y = self._mixed(flat_r[t0:t1], Wh[c] if Wh.ndim == 3 else Wh, n, tokens=(t0, t1))[:, 0]  # [t, R', m]
+            for i in range(len(deferred)):
+                parts[i].view(T, m)[t0:t1] = y[:, R + i]
+            if R:
+                y = self.proj.norm(layer, y)
+                for j, (_, _, lo, hi, _) in enumerate(spans):
+                    pieces[j].append(torch.bmm(y[:, lo:hi].transpose(0, 1), weights[j]))  # [R_k, t, d_head]
+            t0 = t1
+        for i, (d, _) in enumerate(deferred):
+            self.partials[d] = (parts[i], r, n)
+        return [torch.cat(pc, dim=1) if len(pc) > 1 else pc[0] for pc in pieces]
 
     def _project_heads(self, layer: int, kind: str, h: int, heads: Tensor, xs: Tensor, bp: tuple[int, int],
                        out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
         """``xs_j @ W^h + b^h`` for the ``heads`` of ``kind`` (of ``h``), from their normalized inputs ``xs``
         (``[len(heads), b*p, d_model]``), joined to the heads of ``kind`` already in ``out`` (from the
         cache, the residual or the mixed inputs)."""
+        Wk, bk = self._head_weights(layer, kind, h, heads)
+        self._join_heads(kind, h, heads, torch.bmm(xs, Wk.to(xs.dtype)), bk, bp, out)
+
+    def _head_weights(self, layer: int, kind: str, h: int, heads: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``W`` ``[len(heads), d_model, d_head]`` and ``b`` of the ``heads`` of ``kind`` (of ``h``)."""
         assert self.proj is not None
         Wk = self.proj.weight(layer, kind, h)
         bk = self.proj.bias(layer, kind, h)
         if len(heads) != h:
             Wk = Wk.index_select(0, heads)
             bk = bk.index_select(0, heads) if bk is not None else None
-        vals = torch.bmm(xs, Wk.to(xs.dtype)).view(len(heads), *bp, -1).permute(1, 2, 0, 3)
+        return Wk, bk
+
+    def _join_heads(self, kind: str, h: int, heads: Tensor, vals: Tensor, bk: Tensor | None, bp: tuple[int, int],
+                    out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
+        """Projections ``vals`` (``[len(heads), b*p, d_head]``, no bias) of the ``heads`` of ``kind``, plus
+        the bias, joined to the heads of ``kind`` already in ``out``."""
+        vals = vals.view(len(heads), *bp, -1).permute(1, 2, 0, 3)
         if bk is not None:
             vals = vals + bk.to(vals.dtype)
         if kind in out:
@@ -1118,19 +1172,28 @@ class _Engine:
         y = self._mixed(base, Wh, n)  # [b, p, h, m]
         return y[:, :, 0] if x.ndim == 3 else y
 
-    def _mixed(self, r: Tensor, Wh: Tensor, n: int) -> Tensor:
+    def _mixed(self, r: Tensor, Wh: Tensor, n: int, tokens: tuple[int, int] | None = None) -> Tensor:
         """``r - sum_{s<n} (1 - w_sh) D_s`` for the ``h`` destinations of ``Wh`` (``[n, h]``, or
         ``[C, n, h]`` with circuits), as ``[batch, pos, h, d_model]``. ``r`` is ``[b, p, d_model]`` (one
-        residual for all) or ``[b, p, h, d_model]``. No gradient."""
+        residual for all) or ``[b, p, h, d_model]``. No gradient. ``tokens``: only the tokens ``t0:t1``
+        of the flattened batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``."""
         h = Wh.shape[-1]
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
         r4 = r if r.ndim == 4 else r.unsqueeze(2)
-        base = r4 - self._prefix_sum(n).unsqueeze(2) if additive else r4
+        store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]  # [b, p, n_src, m]
+        if additive:
+            prefix = self._prefix_sum(n)
+            if tokens is not None:
+                prefix = prefix.flatten(0, 1)[tokens[0] : tokens[1]].unsqueeze(1)
+            base = r4 - prefix.unsqueeze(2)
+        else:
+            base = r4
         if rows.numel() == 0:
             return base.expand(b, p, h, m)
+        if tokens is not None:
+            store = store.flatten(0, 1)[tokens[0] : tokens[1]].unsqueeze(1)
         coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
-        store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]  # [b, p, n_src, m]
         dense = 2 * rows.numel() > n  # dense enough: multiply over the contiguous prefix, no gather copy
         if base.shape[2] == 1 and self.filled <= n < store.shape[2]:
             # The base joins the product as one more source with coefficient 1, in the store's row n
@@ -1177,6 +1240,9 @@ class _Engine:
         add_rows = (Wh != 0).reshape(-1, n, h).any(0).any(1).nonzero().flatten()
         additive = add_rows.numel() < sub_rows.numel() and n <= self.filled
         return (add_rows if additive else sub_rows), additive
+
+
+_CHUNK_TOKENS = 128  # see _Engine._mix_project_chunked
 
 
 def _alone(hook_point: Any, ours: int) -> bool:

@@ -667,3 +667,36 @@ def test_difference_buffer_is_reused_and_never_read_stale(model_class):
     assert torch.equal(first, kept)  # the first output does not alias the reused buffer
     ep.release_buffers(model)
     assert patching._SLOTS[model].spare is None
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_token_blocks_agree_with_one_block(case, monkeypatch):
+    """Without gradients, a layer's attention inputs are mixed, normalized and projected block by block of
+    tokens (never straddling two circuits folded into the batch). Blocks of 5 tokens (3 x 6 tokens per
+    circuit: blocks of 5, 5, 5, 3) must give the dense path's logits for every kind of weights, and
+    every run must have gone through the blocks."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=41), tokens(model, batch=3, pos=6, seed=42)
+    abl = ep.source_activations(model, g, corrupt)
+    calls = []
+    original = patching._Engine._mix_project_chunked
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(patching._Engine, "_mix_project_chunked", counted)
+    monkeypatch.setattr(patching, "_CHUNK_TOKENS", 5)
+    gen = torch.Generator().manual_seed(43)
+    cases = _path_cases(g, gen) + [torch.rand(3, g.n_src, g.n_dest, generator=gen),
+                                   (torch.rand(2, g.n_src, g.n_dest, generator=gen) < 0.3).float()]
+    for W in cases:
+        toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+        calls.clear()
+        with ep.patch(model, g, W, abl):
+            with torch.no_grad():
+                blocks = model(toks)
+            dense = model(toks).detach()  # parameters require grad: the dense path, one block
+        assert (blocks - dense).abs().max() <= ATOL
+        assert calls or bool((W == 0).all())  # all-zero weights: every input from the cache, nothing mixed
