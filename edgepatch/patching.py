@@ -253,9 +253,9 @@ class _ModelSlot:
         self.saved_flags: dict[str, Any] = {}
         self.saved_bridge: dict[int, Any] = {}
         self.stack: list["_Engine"] = []
-        # The largest CPU difference buffer of an earlier forward without gradients, kept for the next
-        # (see _Engine._difference_store); freed with the model or by release_buffers().
-        self.spare: Tensor | None = None
+        # The largest CPU scratch buffers (differences, head outputs) of earlier forwards without
+        # gradients, kept for the next (see _Engine._scratch); freed with the model or by release_buffers().
+        self.spares: dict[str, Tensor] = {}
 
 
 _SLOTS: "weakref.WeakKeyDictionary[Any, _ModelSlot]" = weakref.WeakKeyDictionary()
@@ -629,12 +629,13 @@ class _Engine:
         self._reset()
 
     def _reset(self) -> None:
-        store = getattr(self, "store", None)
-        if store is not None:  # this forward is over: the buffer may serve the next one
-            slot = _slot(self.model)
-            if slot.spare is None or slot.spare.numel() < store.numel():
-                slot.spare = store
-        self.store: Tensor | None = None  # the storage under buf when it came from _difference_store
+        stores = getattr(self, "stores", None)
+        if stores:  # this forward is over: its scratch buffers may serve the next one
+            spares = _slot(self.model).spares
+            for name, store in stores.items():
+                if name not in spares or spares[name].numel() < store.numel():
+                    spares[name] = store
+        self.stores: dict[str, Tensor] = {}  # scratch buffers this forward took (see _scratch)
         if self.proj is not None:
             self.proj.clear()
         self.W: Tensor | None = None
@@ -773,27 +774,32 @@ class _Engine:
                 self.prefix_sums[0] = x.new_zeros(b, p, m)
                 # token-major storage: the mixing products are then one batched product per token
                 # ([h, k] @ [k, d_model]), about twice as fast on CPU as one [h, k] @ [k, batch*pos*d_model]
-                self.buf = self._difference_store(x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
+                self.buf = self._scratch("differences", x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
                 return
         self.buf = x.new_empty(self.g.n_src, b, p, m)
 
-    def _difference_store(self, x: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """An uninitialized buffer of ``shape`` for the differences of a forward without gradients (nothing
-        outside the forward keeps a reference to it). On CPU it reuses the storage of an earlier forward on
-        the same model: an allocation of this size (60 MB for GPT-2 small at 8 x 16 tokens) is mapped afresh
-        by the C allocator every time and page-faults on its first write, about 30 ms per forward here, 5%
-        of a patched forward. The storage goes back to the model's slot when the forward's state is reset."""
+    def _scratch(self, name: str, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialized buffer ``name`` of ``shape``, like ``x``, for a forward without gradients
+        (nothing outside the forward keeps a reference to it; a later call with the same name in the same
+        forward returns the same storage). On CPU it reuses the storage of an earlier forward on the same
+        model: large allocations (the 60 MB difference buffer of GPT-2 small at 8 x 16 tokens) are mapped
+        afresh by the C allocator every time and page-fault on their first write, about 30 ms per forward
+        here, 5% of a patched forward. The storage goes back to the model's slot when the forward's state
+        is reset."""
         need = math.prod(shape)
         if x.device.type != "cpu":  # the CUDA caching allocator already reuses memory
             return x.new_empty(shape)
-        slot = _slot(self.model)
-        spare = slot.spare
-        if spare is not None and spare.dtype == x.dtype and spare.numel() >= need:
-            slot.spare = None  # taken: a nested forward on the same model allocates its own
-            self.store = spare
-        else:
-            self.store = x.new_empty(need)
-        return self.store[:need].view(shape)
+        store = self.stores.get(name)
+        if store is None or store.dtype != x.dtype or store.numel() < need:
+            spares = _slot(self.model).spares
+            spare = spares.get(name)
+            if spare is not None and spare.dtype == x.dtype and spare.numel() >= need:
+                del spares[name]  # taken: a nested forward on the same model allocates its own
+                store = spare
+            else:
+                store = x.new_empty(need)
+            self.stores[name] = store
+        return store[:need].view(shape)
 
     def _sink(self, start: int, out: Tensor) -> None:
         if self.inactive:
@@ -877,7 +883,13 @@ class _Engine:
                 return None
             assert self.proj is not None
             W_O, b_O = self.proj.output(layer)
-            outs = head_outputs(self.model, layer, z, W_O)
+            if self.sparse:  # no gradient: into one scratch buffer for every layer (nothing keeps them)
+                h, k, m = W_O.shape
+                b, p = z.shape[:2]
+                outs = self._scratch("head outputs", z, (h, b, p, m))
+                torch.bmm(z.reshape(b * p, h, k).transpose(0, 1), W_O.to(z.dtype), out=outs.view(h, b * p, m))
+            else:
+                outs = head_outputs(self.model, layer, z, W_O)
             self._sink(start, outs)
             if not _alone(module, 1) or not all(_alone(w, 0) for w in watched):
                 return None
@@ -1376,8 +1388,8 @@ def patch(
 
     Contexts nest: an inner ``patch`` on the same model replaces the outer one until it exits. On exit,
     normally or by an exception, hooks are removed and TransformerLens flags restored. On CPU, forwards
-    without gradients keep their difference buffer on the model for the next one (the largest used;
-    :func:`release_buffers` frees it).
+    without gradients keep their scratch buffers on the model for the next one (the largest used;
+    :func:`release_buffers` frees them).
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -1492,13 +1504,14 @@ class _AbsoluteEngine(_Engine):
 
 
 def release_buffers(model: Any) -> None:
-    """Free the difference buffer that patched forwards without gradients keep on ``model`` between
-    calls (CPU only; the largest one used, ``batch x pos x n_src x d_model`` floats, e.g. 60 MB for GPT-2
-    small at 8 x 16 tokens). It is also freed with the model. Reusing it spares every forward the page
-    faults of a fresh allocation of that size."""
+    """Free the scratch buffers that patched forwards without gradients keep on ``model`` between calls
+    (CPU only; the largest of each used: the differences, ``batch x pos x n_src x d_model`` floats, e.g.
+    60 MB for GPT-2 small at 8 x 16 tokens, and one layer's head outputs, ``n_heads x batch x pos x
+    d_model``). They are also freed with the model. Reusing them spares every forward the page faults
+    of fresh allocations of that size."""
     slot = _SLOTS.get(model)
     if slot is not None:
-        slot.spare = None
+        slot.spares.clear()
 
 
 def active_patch(model: Any) -> Any:

@@ -640,33 +640,38 @@ def test_engine_projections_of_all_heads_agree(case, split):
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_difference_buffer_is_reused_and_never_read_stale(model_class):
-    """Forwards without gradients keep their CPU difference buffer on the model for the next forward
-    (a fresh one page-faults every time). The reused storage holds an earlier forward's values: poison it
-    with NaN, and a smaller forward must still match the reference, and an earlier output must not change."""
+    """Forwards without gradients keep their CPU scratch buffers (differences, head outputs) on the model
+    for the next forward (a fresh one page-faults every time). The reused storage holds an earlier
+    forward's values: poison it with NaN, and a smaller forward must still match the reference, and an
+    earlier output must not change."""
     model = cached_model("tiny", model_class)
     g = ep.build_graph(model)
     gen = torch.Generator().manual_seed(31)
     big, small = tokens(model, batch=4, pos=7, seed=32), tokens(model, batch=2, pos=5, seed=33)
     big_c, small_c = tokens(model, batch=4, pos=7, seed=34), tokens(model, batch=2, pos=5, seed=35)
-    patching.release_buffers(model)
+    ep.release_buffers(model)
     with torch.no_grad():
         W1 = torch.rand(g.n_src, g.n_dest, generator=gen)
         with ep.patch(model, g, W1, ep.source_activations(model, g, big_c)):
             first = model(big)
         kept = first.clone()
-        spare = patching._SLOTS[model].spare
-        assert spare is not None and spare.numel() == 4 * 7 * g.n_src * model.cfg.d_model
-        spare.fill_(float("nan"))
+        spares = dict(patching._SLOTS[model].spares)
+        d, h = model.cfg.d_model, model.cfg.n_heads
+        assert {k: v.numel() for k, v in spares.items()} == {
+            "differences": 4 * 7 * g.n_src * d, "head outputs": h * 4 * 7 * d}
+        for t in spares.values():
+            t.fill_(float("nan"))
         W2 = torch.rand(g.n_src, g.n_dest, generator=gen)
         with ep.patch(model, g, W2, ep.source_activations(model, g, small_c)):
             got = model(small)
-        assert patching._SLOTS[model].spare.data_ptr() == spare.data_ptr()  # the same storage, reused
+        after = patching._SLOTS[model].spares
+        assert {k: v.data_ptr() for k, v in after.items()} == {k: v.data_ptr() for k, v in spares.items()}  # reused
         want = reference_patched(model, g, W2, small, small_c)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= ATOL
-    assert torch.equal(first, kept)  # the first output does not alias the reused buffer
+    assert torch.equal(first, kept)  # the first output does not alias the reused buffers
     ep.release_buffers(model)
-    assert patching._SLOTS[model].spare is None
+    assert not patching._SLOTS[model].spares
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
