@@ -149,13 +149,19 @@ def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None],
 
 
 def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head"],
-                 W_O: Tensor | None = None) -> Float[Tensor, "head batch pos d_model"]:
-    """Per-head outputs ``z_h @ W_O^h`` (without ``b_O``), head-major. ``W_O``: the layer's, if at hand."""
+                 W_O: Tensor | None = None, out: Tensor | None = None) -> Float[Tensor, "head batch pos d_model"]:
+    """Per-head outputs ``z_h @ W_O^h`` (without ``b_O``), head-major. ``W_O``: the layer's, if at hand;
+    ``out``: a contiguous ``[head, batch, pos, d_model]`` tensor to write them into. TransformerBridge's
+    ``hook_z`` sees heads flattened (``[batch, pos, head * d_head]``); both layouts are accepted."""
     if W_O is None:
         W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
-    if z.ndim == 3:  # TransformerBridge's hook_z sees heads flattened: [batch, pos, head * d_head]
-        z = z.view(*z.shape[:2], W_O.shape[0], W_O.shape[1])
-    return torch.einsum("bphk,hkm->hbpm", z, W_O.to(z.dtype))
+    h, k, m = W_O.shape
+    b, p = z.shape[:2]
+    zh = z.reshape(b * p, h, k).transpose(0, 1)  # [head, batch*pos, d_head]
+    if out is None:
+        return torch.bmm(zh, W_O.to(z.dtype)).view(h, b, p, m)
+    torch.bmm(zh, W_O.to(z.dtype), out=out.view(h, b * p, m))
+    return out
 
 
 @torch.no_grad()
@@ -883,13 +889,10 @@ class _Engine:
                 return None
             assert self.proj is not None
             W_O, b_O = self.proj.output(layer)
-            if self.sparse:  # no gradient: into one scratch buffer for every layer (nothing keeps them)
-                h, k, m = W_O.shape
-                b, p = z.shape[:2]
-                outs = self._scratch("head outputs", z, (h, b, p, m))
-                torch.bmm(z.reshape(b * p, h, k).transpose(0, 1), W_O.to(z.dtype), out=outs.view(h, b * p, m))
-            else:
-                outs = head_outputs(self.model, layer, z, W_O)
+            # no gradient: into one scratch buffer for every layer (nothing keeps the outputs)
+            shape = (W_O.shape[0], *z.shape[:2], W_O.shape[2])
+            scratch = self._scratch("head outputs", z, shape) if self.sparse else None
+            outs = head_outputs(self.model, layer, z, W_O, out=scratch)
             self._sink(start, outs)
             if not _alone(module, 1) or not all(_alone(w, 0) for w in watched):
                 return None
@@ -1193,18 +1196,14 @@ class _Engine:
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
         r4 = r if r.ndim == 4 else r.unsqueeze(2)
-        store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]  # [b, p, n_src, m]
-        if additive:
-            prefix = self._prefix_sum(n)
-            if tokens is not None:
-                prefix = prefix.flatten(0, 1)[tokens[0] : tokens[1]].unsqueeze(1)
-            base = r4 - prefix.unsqueeze(2)
-        else:
-            base = r4
+
+        def own(t: Tensor) -> Tensor:  # [b, p, ...] -> the rows of r's tokens
+            return t if tokens is None else t.flatten(0, 1)[tokens[0] : tokens[1]].unsqueeze(1)
+
+        base = r4 - own(self._prefix_sum(n)).unsqueeze(2) if additive else r4
         if rows.numel() == 0:
             return base.expand(b, p, h, m)
-        if tokens is not None:
-            store = store.flatten(0, 1)[tokens[0] : tokens[1]].unsqueeze(1)
+        store = own(self.buf.permute(1, 2, 0, 3))  # type: ignore[union-attr]  # [b, p, n_src, m]
         coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
         dense = 2 * rows.numel() > n  # dense enough: multiply over the contiguous prefix, no gather copy
         if base.shape[2] == 1 and self.filled <= n < store.shape[2]:
