@@ -674,6 +674,29 @@ def test_difference_buffer_is_reused_and_never_read_stale(model_class):
     assert not patching._SLOTS[model].spares
 
 
+def test_buffers_over_the_limit_are_not_kept(monkeypatch):
+    """A scratch buffer larger than ``_KEEP_BYTES`` is freed after its forward, not held on the model
+    while idle; smaller ones are kept. Sizes from the graph: the differences of 4 x 7 tokens, and the
+    limit set between the smaller and the larger forward's."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    d = model.cfg.d_model
+    ep.release_buffers(model)
+    small_bytes, big_bytes = 2 * 5 * g.n_src * d * 4, 4 * 7 * g.n_src * d * 4
+    monkeypatch.setattr(patching, "_KEEP_BYTES", (small_bytes + big_bytes) // 2)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(36))
+    with torch.no_grad():
+        for (batch, pos), kept in (((4, 7), False), ((2, 5), True)):
+            toks = tokens(model, batch=batch, pos=pos, seed=37)
+            with ep.patch(model, g, W, ep.source_activations(model, g, tokens(model, batch=batch, pos=pos, seed=38))):
+                model(toks)
+            spares = patching._SLOTS[model].spares
+            assert ("differences" in spares) == kept, (batch, pos)
+            if kept:
+                assert spares["differences"].numel() * 4 == small_bytes
+    ep.release_buffers(model)
+
+
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
 def test_token_blocks_agree_with_one_block(case, monkeypatch):
     """Without gradients, a layer's attention inputs are mixed, normalized and projected block by block of
