@@ -1208,6 +1208,11 @@ class _Engine:
         store = own(self.buf.permute(1, 2, 0, 3))  # type: ignore[union-attr]  # [b, p, n_src, m]
         coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
         dense = 2 * rows.numel() > n  # dense enough: multiply over the contiguous prefix, no gather copy
+        if r.device.type == "cpu":
+            edges = coef.nonzero()  # [E, 2] (source, destination) or [E, 3] (circuit, source, destination)
+            k = n + 1 if dense else rows.numel() + 1
+            if _EDGE_COST * len(edges) + _COPY_COST * h < h * k + (0 if dense else _COPY_COST * 2 * k):
+                return self._mixed_by_edge(base, coef, edges, store)
         if base.shape[2] == 1 and self.filled <= n < store.shape[2]:
             # The base joins the product as one more source with coefficient 1, in the store's row n
             # (source n is not computed yet; its hook overwrites the row): no separate pass adds it.
@@ -1235,6 +1240,28 @@ class _Engine:
         y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m)).view(b, p, h, m)  # [C, b/C * p, h, m]
         return y if base is None else y.add_(base)
 
+    @staticmethod
+    def _mixed_by_edge(base: Tensor, coef: Tensor, edges: Tensor, store: Tensor) -> Tensor:
+        """``base + sum_s coef_sh D_s`` (see :meth:`_mixed`) one edge at a time: ``base`` copied to every
+        destination, then one scaled addition per nonzero coefficient. On CPU, for a sparse circuit, much
+        cheaper than the matrix product, which multiplies every gathered source by every destination
+        (GPT-2 small, last layer of a random 1% circuit: 50 edges, 2.5 ms against 4.6 ms)."""
+        b, p, _, m = store.shape
+        h = coef.shape[-1]
+        y = base.expand(b, p, h, m).contiguous()
+        if y.data_ptr() == base.data_ptr():  # contiguous() returned base itself (maybe the model's
+            y = y.clone()  # residual stream): the additions below must not change it
+        values = coef[tuple(edges.T)].tolist()
+        if coef.ndim == 2:
+            for (s, d), w in zip(edges.tolist(), values):
+                y[:, :, d].add_(store[:, :, s], alpha=w)
+            return y
+        c = coef.shape[0]  # circuits folded into the batch: circuit i has the rows i*b/c .. (i+1)*b/c - 1
+        yc, sc = y.unflatten(0, (c, b // c)), store.unflatten(0, (c, b // c))
+        for (i, s, d), w in zip(edges.tolist(), values):
+            yc[i, :, :, d].add_(sc[i, :, :, s], alpha=w)
+        return y
+
     def _prefix_sum(self, n: int) -> Tensor:
         """``sum_{s<n} D_s`` (``[b, p, d_model]``), from the longest prefix summed so far: computed only
         when the additive form needs it (sparse circuits), not in every forward."""
@@ -1260,6 +1287,10 @@ class _Engine:
 # to ~1,500. ep.release_buffers(model) frees them at once.
 _KEEP_BYTES = 2**30
 _CHUNK_TOKENS = 128  # see _Engine._mix_project_chunked
+# _Engine._mixed on CPU: the cost of one edge's scaled addition and of copying one source or destination
+# row, in units of one source x destination product of the matrix product (GPT-2 small, 2 threads)
+_EDGE_COST = 20
+_COPY_COST = 6
 
 
 def _alone(hook_point: Any, ours: int) -> bool:

@@ -698,6 +698,43 @@ def test_buffers_over_the_limit_are_not_kept(monkeypatch):
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_mixing_edge_by_edge_agrees_with_the_product(case, monkeypatch):
+    """Without gradients on CPU, a sparse layer's inputs are mixed one edge at a time instead of by a
+    matrix product. Forced either way (also in token blocks, and with circuits folded into the batch),
+    both must match the independent reference, and the forced run must have taken its path."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=44), tokens(model, batch=3, pos=6, seed=45)
+    abl = ep.source_activations(model, g, corrupt)
+    calls = []
+    original = patching._Engine._mixed_by_edge
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patching._Engine, "_mixed_by_edge", staticmethod(counted))
+    gen = torch.Generator().manual_seed(46)
+    cases = _path_cases(g, gen) + [(torch.rand(2, g.n_src, g.n_dest, generator=gen) < 0.3).float()]
+    for W in cases:
+        toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+        if W.ndim == 3:
+            want = torch.cat([reference_patched(model, g, W[i], clean, corrupt) for i in range(W.shape[0])])
+        else:
+            want = reference_patched(model, g, W, clean, corrupt)
+        for edge_cost, chunk in ((0, 128), (0, 5), (10**9, 128)):
+            monkeypatch.setattr(patching, "_EDGE_COST", edge_cost)
+            monkeypatch.setattr(patching, "_COPY_COST", 0)
+            monkeypatch.setattr(patching, "_CHUNK_TOKENS", chunk)
+            calls.clear()
+            with ep.patch(model, g, W, abl), torch.no_grad():
+                got = model(toks)
+            assert (got - want).abs().max() <= ATOL, (edge_cost, chunk)
+            mixes = bool(((W != 0) & (W != 1)).any() or ((W == 1).any() and (W == 0).any()))
+            assert bool(calls) == (edge_cost == 0 and mixes), (edge_cost, chunk)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
 def test_token_blocks_agree_with_one_block(case, monkeypatch):
     """Without gradients, a layer's attention inputs are mixed, normalized and projected block by block of
     tokens (never straddling two circuits folded into the batch). Blocks of 5 tokens (3 x 6 tokens per
