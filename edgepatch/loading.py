@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.metadata as md
 import json
@@ -307,7 +308,7 @@ def _convert_gguf(gguf: Path, out_folder: Path) -> None:
         ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _gguf_bar_follows_hf_setting():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -324,6 +325,28 @@ def _convert_gguf(gguf: Path, out_folder: Path) -> None:
         warnings.simplefilter("ignore")
         model.save_pretrained(str(out_folder), safe_serialization=True)
         tokenizer.save_pretrained(str(out_folder))
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_hf_setting() -> Iterator[None]:
+    """transformers' GGUF loader draws its "de-quantizing" bar with plain ``tqdm``, ignoring
+    ``transformers.utils.logging.disable_progress_bar()`` (which the CLI's ``--no-progress`` uses): while
+    that setting is off, give the loader a disabled bar. The loader's module is restored afterwards."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _dist_version(name: str) -> str | None:

