@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-import edgepatch as ep
 from common import current_memory_mb, emit, parse_args, peak_memory_mb, reset_peak, setup, sync
 from edgepatch.scores import EdgeScores
 from edgepatch.sweep import edge_counts, sweep

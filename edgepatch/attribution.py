@@ -49,7 +49,6 @@ torch.Size([11, 27])
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import time
 import warnings

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -149,12 +147,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _peak_mb(device: str) -> float:
+def _peak_mb(device: str) -> float | None:
+    """Peak memory: CUDA allocations, or the process's resident high-water mark; None where the platform
+    does not report it (Windows has no ``resource`` module)."""
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def _png_ok() -> bool:

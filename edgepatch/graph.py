@@ -42,10 +42,10 @@ import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, UnknownNameError, shape_str, suggest

@@ -10,7 +10,7 @@ import torch
 import edgepatch as ep
 from edgepatch import patching
 from edgepatch.errors import EdgepatchError
-from edgepatch.masks import EdgeMasks, mask_fn, train_masks
+from edgepatch.masks import mask_fn, train_masks
 
 from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot
 
