@@ -54,7 +54,7 @@ Example
 True
 >>> d = to_mib_json(s)
 >>> sorted(d), d["edges"]["input->a0.h0<q>"]["in_graph"]
-(['cfg', 'edges', 'edgepatch', 'nodes'], False)
+(['cfg', 'edgepatch', 'edges', 'nodes'], False)
 """
 
 from __future__ import annotations
