@@ -15,7 +15,7 @@ from edgepatch.baselines import activation_magnitude, random_scores
 from edgepatch.learned import learn_masks
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, UnknownNameError
-from edgepatch.graph import Graph, build_graph
+from edgepatch.graph import Graph, build_graph, prune_circuit
 from edgepatch.loading import load_model
 from edgepatch.masks import EdgeMasks, make_mask_fn, mask_fn, train_masks
 from edgepatch.metrics import get_metric, normalized_faithfulness

@@ -75,7 +75,6 @@ Example
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -95,7 +94,7 @@ from edgepatch.baselines import (
 )
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
-from edgepatch.graph import Graph
+from edgepatch.graph import Graph, dest_owners
 from edgepatch.patching import Ablation, _check_graph, engine_flags, patch
 from edgepatch.scores import EdgeScores
 
@@ -119,28 +118,6 @@ def visiting_order(graph: Graph) -> list[tuple[int, list[int]]]:
     """
     n_pred = graph.n_pred.tolist()
     return [(d, list(range(n_pred[d] - 1, -1, -1))) for d in range(graph.n_dest - 1, -1, -1)]
-
-
-def dest_owners(graph: Graph) -> list[list[int]]:
-    """For every destination, the source(s) of the node that reads it: the head ``a{L}.h{H}`` for its
-    query/key/value input, all heads of group ``G`` for a grouped-query key/value input ``a{L}.kv{G}``,
-    ``m{L}`` for the MLP input, none for ``logits`` (node-level graphs: none)."""
-    if graph.level == "node":
-        return [[]]
-    spec = graph.spec
-    group = spec.n_heads // spec.n_kv_heads
-    owners: list[list[int]] = []
-    for name in graph.dest_names:
-        base = re.sub(r"<[qkv]>$", "", name)
-        m = re.fullmatch(r"a(\d+)\.kv(\d+)", base)
-        if name == "logits":
-            owners.append([])
-        elif m:
-            layer, g = int(m.group(1)), int(m.group(2))
-            owners.append([graph.src_index(f"a{layer}.h{h}") for h in range(g * group, (g + 1) * group)])
-        else:
-            owners.append([graph.src_index(base)])
-    return owners
 
 
 def _connected_dests(circuit: Tensor, owners: list[list[int]], graph: Graph) -> Tensor:

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig)")
         sp.add_argument("--random-baseline", type=int, default=0, help="random circuits per count (a band)")
         sp.add_argument("--joint-qkv", action="store_true", help="one destination per head instead of q/k/v")
+        sp.add_argument("--prune", action="store_true",
+                        help="evaluate each circuit's connected part, as MIB does (edgepatch.prune_circuit)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         sp.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>)")
         sp.add_argument("--resume", dest="resume", action="store_true", default=True)
@@ -261,13 +263,15 @@ def run(args: argparse.Namespace) -> int:
                                ablation=args.ablation, direction=args.direction,
                                random_baseline=args.random_baseline, seed=args.seed,
                                batch_size=args.batch_size, out=out / f"sweep_{method}" if args.resume else None,
-                               progress=args.progress)
+                               progress=args.progress, prune=args.prune)
             record["timings"][f"{method}_sweep_s"] = time.perf_counter() - t
             results[method] = result
             faith = [float(v) for v in result.normalized]
             rows.append({"method": method, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
                          "faithfulness": faith, "cpr": _maybe(result.cpr), "cmd": _maybe(result.cmd),
                          "auc_log": _maybe(lambda: result.auc(log_x=True))})
+            if args.prune:
+                rows[-1]["pruned_counts"] = result.info["pruned_counts"]
             # the smallest circuit reaching 80% normalized faithfulness
             eff = [int(c) for c in result.effective_counts]
             reach = [c for c, f in zip(eff, faith) if f >= 0.8]

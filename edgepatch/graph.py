@@ -39,6 +39,7 @@ Graph(random-tiny, 11 src x 27 dest, 110 edges)
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -375,3 +376,89 @@ def _dest_groups(graph: Graph) -> tuple[tuple[str, Tensor, int], ...]:
     d = g.dest_index("logits")
     plan.append((f"blocks.{spec.n_layers - 1}.hook_resid_post", torch.tensor([d]), int(g.n_pred[d])))
     return tuple(plan)
+
+
+def dest_owners(graph: Graph) -> list[list[int]]:
+    """For every destination, the source(s) of the node that reads it: the head ``a{L}.h{H}`` for its
+    query/key/value input, all heads of group ``G`` for a grouped-query key/value input ``a{L}.kv{G}``,
+    ``m{L}`` for the MLP input, none for ``logits`` (node-level graphs: none)."""
+    if graph.level == "node":
+        return [[]]
+    group = graph.spec.n_heads // graph.spec.n_kv_heads
+    owners: list[list[int]] = []
+    for name in graph.dest_names:
+        base = re.sub(r"<[qkv]>$", "", name)
+        m = re.fullmatch(r"a(\d+)\.kv(\d+)", base)
+        if name == "logits":
+            owners.append([])
+        elif m:
+            layer, g = int(m.group(1)), int(m.group(2))
+            owners.append([graph.src_index(f"a{layer}.h{h}") for h in range(g * group, (g + 1) * group)])
+        else:
+            owners.append([graph.src_index(base)])
+    return owners
+
+
+_OWNERS: "weakref.WeakKeyDictionary[Graph, Tensor]" = weakref.WeakKeyDictionary()
+
+
+def _owner_matrix(graph: Graph) -> Tensor:
+    """``[n_src, n_dest]`` bool: source s is the node that reads destination d (see :func:`dest_owners`)."""
+    owned = _OWNERS.get(graph)
+    if owned is None:
+        owned = torch.zeros(graph.n_src, graph.n_dest, dtype=torch.bool)
+        for d, srcs in enumerate(dest_owners(graph)):
+            owned[srcs, d] = True
+        _OWNERS[graph] = owned
+    return owned
+
+
+def prune_circuit(graph: Graph, circuit: Tensor) -> Tensor:
+    """The connected part of ``circuit`` (bool ``[..., n_src, n_dest]``, True = edge kept), as MIB prunes a
+    circuit before evaluating it: repeatedly drop every node (head, MLP) that has no kept incoming edge or no
+    kept outgoing edge, and every edge from or into a dropped node, until nothing changes. ``input``
+    counts as having incoming edges, ``logits`` as present. A head has incoming edges when any of its
+    q/k/v inputs has one (grouped-query attention: its group's key/value inputs count for every head of
+    the group, and a key/value input stays while any head of the group does).
+
+    Under corrupted-run ablation pruning never changes what a circuit computes: a node whose every input
+    is ablated computes its corrupted-run output, so its kept outgoing edges carry nothing, and a node with
+    no kept outgoing edge reaches nothing. With mean or zero ablation it can, which is why MIB prunes.
+
+    >>> from edgepatch.models import random_model
+    >>> g = build_graph(random_model("tiny"))
+    >>> c = g.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits", "a0.h1->logits"])
+    >>> g.edges_from_mask(prune_circuit(g, c))  # a0.h1 reads nothing kept: its edge goes
+    ['input->a0.h0<q>', 'a0.h0->logits']
+    """
+    if graph.level != "edge":
+        raise EdgepatchError(
+            f"prune_circuit needs an edge-level graph; got {graph!r} (level={graph.level!r}), whose weights "
+            f"have no destinations to prune. Prune on graph.edge_graph."
+        )
+    if not isinstance(circuit, Tensor):
+        raise EdgepatchError(
+            f"circuit must be a tensor [..., n_src, n_dest] (e.g. scores.circuit(k) or graph.mask_from_edges(names)); "
+            f"got {type(circuit).__name__}."
+        )
+    graph.check_shape(circuit, "circuit")
+    if circuit.dtype != torch.bool:
+        if not bool(((circuit == 0) | (circuit == 1)).all()):
+            raise EdgepatchError(
+                "circuit must be a 0/1 or bool mask (1 = edge kept); got weights other than 0 and 1. Pruning "
+                "asks which edges are kept: pass e.g. weights > 0."
+            )
+        circuit = circuit != 0
+    owned = _owner_matrix(graph).to(circuit.device)
+    kept = circuit & graph.valid.to(circuit.device)
+    inp, logits = graph.src_index("input"), graph.dest_index("logits")
+    while True:
+        fed = (owned & kept.any(-2).unsqueeze(-2)).any(-1)  # [..., n_src]: some input of the node is kept
+        fed[..., inp] = True
+        node = fed & kept.any(-1)
+        read = (owned & node.unsqueeze(-1)).any(-2)  # [..., n_dest]: the destination's node is present
+        read[..., logits] = True
+        new = kept & node.unsqueeze(-1) & read.unsqueeze(-2)
+        if torch.equal(new, kept):
+            return kept
+        kept = new

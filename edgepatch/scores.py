@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str
-from edgepatch.graph import Graph
+from edgepatch.graph import Graph, prune_circuit
 
 RankBy = Literal["abs", "signed", "neg"]
 
@@ -88,21 +88,25 @@ class EdgeScores:
         names, flat = self.graph.edge_names, self.flat
         return [(names[i], float(flat[i])) for i in self.order(by)[:k].tolist()]
 
-    def circuit(self, k: int | float, by: RankBy = "abs") -> Tensor:
-        """Bool ``[n_src, n_dest]`` mask of the top ``k`` edges (``k`` < 1: a fraction of all edges)."""
+    def circuit(self, k: int | float, by: RankBy = "abs", prune: bool = False) -> Tensor:
+        """Bool ``[n_src, n_dest]`` mask of the top ``k`` edges (``k`` < 1: a fraction of all edges).
+        ``prune``: only their connected part, as MIB evaluates it (see :func:`edgepatch.prune_circuit`)."""
         k = self._check_k(k)
         flat = torch.zeros(self.graph.n_edges, dtype=torch.bool)
         flat[self.order(by)[:k]] = True
-        return self.graph.from_edges(flat, fill=False).bool()
+        mask = self.graph.from_edges(flat, fill=False).bool()
+        return prune_circuit(self.graph, mask) if prune else mask
 
-    def circuits(self, counts: "list[int]", by: RankBy = "abs") -> Tensor:
-        """Stacked bool masks ``[len(counts), n_src, n_dest]`` (nested: each contains the smaller ones)."""
+    def circuits(self, counts: "list[int]", by: RankBy = "abs", prune: bool = False) -> Tensor:
+        """Stacked bool masks ``[len(counts), n_src, n_dest]`` (nested: each contains the smaller ones;
+        ``prune``: their connected parts, nested as well)."""
         order = self.order(by)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
         c = torch.tensor([self._check_k(k) for k in counts])
         flat = rank[None, :] < c[:, None]
-        return self.graph.from_edges(flat, fill=False).bool()
+        mask = self.graph.from_edges(flat, fill=False).bool()
+        return prune_circuit(self.graph, mask) if prune else mask
 
     def threshold(self, t: float, by: RankBy = "abs") -> Tensor:
         """Bool mask of edges whose ranking key is >= ``t``."""

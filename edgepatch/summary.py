@@ -21,8 +21,9 @@ fractions ``x = k / n_edges``. Summaries integrate it with the trapezoid rule:
     (lower is better). MIB computes it from circuits ranked by ``|score|`` (``by="abs"``, the default).
 
   Both need a sufficiency sweep over those counts: ``sweep(..., counts="mib")``. MIB prunes each top-k
-  circuit to its connected part before evaluating it and edgepatch does not (a kept edge with no path
-  to the logits simply has no effect on them), so values can differ slightly where pruning matters.
+  circuit to its connected part before evaluating it: ``sweep(..., prune=True)`` does the same
+  (:func:`edgepatch.prune_circuit`). Under the corrupted-run ablation pruning changes no value; under
+  mean or zero ablation it does, so pass ``prune=True`` to compare with MIB's numbers.
 
 Example
 -------

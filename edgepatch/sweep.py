@@ -80,7 +80,7 @@ from torch import Tensor
 
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
-from edgepatch.graph import Graph, model_spec
+from edgepatch.graph import Graph, model_spec, prune_circuit
 from edgepatch.metrics import (
     answer_logits,
     answer_view,
@@ -456,6 +456,7 @@ class _Plan:
     ranks: Tensor  # [n_orders, n_edges] long
     items: list[tuple[int, int]]
     index: dict[tuple[int, int], int]
+    prune: bool = False  # evaluate each circuit's connected part (edgepatch.prune_circuit)
 
 
 def sweep(
@@ -476,6 +477,7 @@ def sweep(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     ties: Literal["break", "include"] = "break",
+    prune: bool = False,
 ) -> SweepResult:
     """Evaluate the circuits of ``scores`` at several edge counts (see the module docstring).
 
@@ -490,7 +492,10 @@ def sweep(
     forward; ``max_circuits_per_forward``: circuits folded into one forward (None: as many as fit in
     ``memory_budget_mb``, estimated from the engine's per-row buffers, and in about 384 tokens, beyond
     which the engine's temporaries leave the CPU caches). ``out``: a folder for resumable
-    progress and the final result. ``progress``: a ``tqdm.auto`` bar.
+    progress and the final result. ``progress``: a ``tqdm.auto`` bar. ``prune``: evaluate each circuit's
+    connected part, as MIB does (:func:`edgepatch.prune_circuit`, applied to the kept edges); the x
+    axis stays the requested counts and ``result.info["pruned_counts"]`` holds the edges left (MIB's
+    ``weighted_edge_counts``). With the corrupted-run ablation the values are the same either way.
 
     Returns a :class:`SweepResult`; runs under ``torch.no_grad()`` and leaves the model as it was.
 
@@ -519,6 +524,10 @@ def sweep(
             f"Unknown direction {direction!r}.{suggest(str(direction), DIRECTIONS)} Expected 'sufficiency' (keep the "
             f"top-k edges, ablate the rest) or 'necessity' (ablate the top-k edges, keep the rest)."
         )
+    if not isinstance(prune, bool):
+        raise EdgepatchError(f"prune must be True or False; got {prune!r}.")
+    if prune and graph.level != "edge":
+        raise EdgepatchError(f"prune=True needs an edge-level graph; got {graph!r} (level={graph.level!r}).")
     if ties not in TIES:
         raise EdgepatchError(f"Unknown ties {ties!r}.{suggest(str(ties), TIES)} Expected 'break' or 'include'.")
     scores.ranking_key(by)  # validates `by`
@@ -584,7 +593,7 @@ def sweep(
     for o in range(len(ranks)):
         for k in sorted(set(effective) - trivial):
             items.append((o, k))
-    plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)})
+    plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)}, prune)
 
     fingerprint = {
         "version": _FORMAT_VERSION,
@@ -594,6 +603,8 @@ def sweep(
         "ablation": abl_id, "by": by, "ties": ties, "scores": _scores_hash(scores), "method": scores.method,
         "data": _data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
     }
+    if prune:  # (absent when False, so progress saved before the option existed still resumes)
+        fingerprint["prune"] = True
 
     # ---- state (possibly resumed) ------------------------------------------------------------------------
     n_prompts = len(data)
@@ -676,6 +687,13 @@ def sweep(
         higher_is_better=bool(getattr(resolved, "higher_is_better", True)), counts_spec=spec_name, graph=graph,
         info={"seed": seed, "random_baseline": random_baseline, "scores_metric": scores.metric},
     )
+    if prune:
+        result.info["prune"] = True
+        result.info["pruned_counts"] = [
+            int(_circuit_weights(plan, [plan.index[(0, k)]], graph, direction).sum()) if k not in trivial
+            else (n_edges if (k == n_edges) == (direction == "sufficiency") else 0)
+            for k in effective
+        ]
     if out_dir is not None:
         from edgepatch.io import save_sweep
 
@@ -772,7 +790,8 @@ def _run_batch(
 
 
 def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:
-    """``[C, n_src, n_dest]`` 0/1 weights (1 = kept) of the chunk's circuits."""
+    """``[C, n_src, n_dest]`` 0/1 weights (1 = kept) of the chunk's circuits (``plan.prune``: their
+    connected parts)."""
     keep = torch.zeros(len(chunk), graph.n_edges, dtype=torch.bool)
     for j, i in enumerate(chunk):
         o, k = plan.items[i]
@@ -780,6 +799,8 @@ def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str
             continue  # all ablated
         top = plan.ranks[o] < k
         keep[j] = top if direction == "sufficiency" else ~top
+    if plan.prune:
+        return prune_circuit(graph, graph.from_edges(keep, fill=False).bool()).float()
     return graph.from_edges(keep.float())
 
 
