@@ -166,13 +166,16 @@ def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head
 
 @torch.no_grad()
 def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections: bool = True,
-                       logits_at: Tensor | None | bool = False, **forward_kwargs: Any) -> Any:
+                       logits_at: Tensor | None | bool = False, rows: slice | None = None,
+                       **forward_kwargs: Any) -> Any:
     """Run ``model(tokens)`` unpatched and record every source's output: the ablated values of
     corrupted-run patching. ``forward_kwargs`` (e.g. ``attention_mask``) go to the model. With
     ``projections`` (and a model whose q/k/v the engine can recompute), also record the q/k/v
     projections, which fully ablated head inputs reuse (see :class:`Ablation`). The run stops before the
     unembedding unless ``logits_at`` asks for the logits too (``None``: all positions; a ``[batch]`` tensor:
-    those positions only); then it returns ``(ablation, logits)``.
+    those positions only); then it returns ``(ablation, logits)``. ``rows``: record only these rows of the
+    batch (e.g. the corrupted half of a forward that also runs the clean prompts for their logits);
+    the logits keep every row.
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -182,9 +185,13 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
     """
     spec = _check_graph(model, graph)
     _check_tokens(tokens, spec, "tokens")
+    if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+        raise EdgepatchError(f"rows must be a slice of the batch with step 1 (e.g. slice(8, 16)); got {rows!r}.")
     out: dict[str, Tensor] = {}
 
     def sink(start: int, t: Tensor) -> None:
+        if rows is not None:
+            t = t[:, rows]
         if "buf" not in out:
             _, b, p, m = t.shape
             out["buf"] = t.new_empty(graph.n_src, b, p, m)
@@ -196,6 +203,7 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
         for layer in range(spec.n_layers):
             for kind in "qkv":
                 def record(module: Any, inp: Any, y: Tensor, key: str = f"{layer}{kind}") -> None:
+                    y = y if rows is None else y[rows]
                     proj[key] = (y.unflatten(-1, (-1, spec.d_head)) if y.ndim == 3 else y).contiguous()
 
                 hooks.append((f"blocks.{layer}.attn.hook_{kind}", record))

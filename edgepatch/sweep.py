@@ -598,7 +598,8 @@ def sweep(
     fingerprint = {
         "version": _FORMAT_VERSION,
         "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
-        "model": f"{model_spec(model)}|{_model_checksum(model)}",
+        # the checksum reads two large parameters (~0.1 s for GPT-2's embedding): only to resume from `out`
+        "model": f"{model_spec(model)}|{_model_checksum(model)}" if out is not None else None,
         "counts": requested, "effective_counts": effective, "metric": mname, "direction": direction,
         "ablation": abl_id, "by": by, "ties": ties, "scores": _scores_hash(scores), "method": scores.method,
         "data": _data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
@@ -757,10 +758,9 @@ def _run_batch(
         if abl_kind == "corrupt":
             # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
             # ablated) and the corrupted run's source outputs (the ablation)
-            both, both_logits = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]),
-                                                   logits_at=None if ap is None else ap.repeat(2))
-            abl = both[b:].contiguous()  # (the corrupted half, with its q/k/v projections)
-            del both
+            abl, both_logits = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]),
+                                                  logits_at=None if ap is None else ap.repeat(2),
+                                                  rows=slice(b, 2 * b))  # the corrupted half's sources
             clean_logits, corrupt_logits = both_logits[:b], both_logits[b:]
             m = resolved.prepare(clean_logits) if needs_clean else resolved
             clean_vals = m(clean_logits, mdata).double().cpu()

@@ -278,6 +278,28 @@ def test_edge_names_as_weights():
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_source_activations_of_some_rows(model_class):
+    # A forward of clean and corrupted prompts together that records only the corrupted rows' sources
+    # (what sweeps do) gives the same ablation as a forward of the corrupted prompts alone.
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model), tokens(model, seed=9)
+    alone = ep.source_activations(model, g, corrupt)
+    part, logits = ep.source_activations(model, g, torch.cat([clean, corrupt]), rows=slice(3, 6), logits_at=None)
+    assert part.values.shape == alone.values.shape and part.values.is_contiguous()
+    torch.testing.assert_close(part.values, alone.values, atol=1e-5, rtol=0)
+    assert alone.projections and part.projections.keys() == alone.projections.keys()
+    for key, want in alone.projections.items():
+        assert part.projections[key].is_contiguous()
+        torch.testing.assert_close(part.projections[key], want, atol=1e-5, rtol=0)
+    assert logits.shape[0] == 6  # the logits keep every row
+    with torch.no_grad():
+        torch.testing.assert_close(logits[:3], model(clean), atol=1e-4, rtol=0)
+    with pytest.raises(EdgepatchError, match=r"rows must be a slice of the batch with step 1.*got \[3, 4\]"):
+        ep.source_activations(model, g, corrupt, rows=[3, 4])
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_zero_and_mean_ablation(model_class):
     model = cached_model("tiny", model_class)
     g = ep.build_graph(model)
