@@ -77,3 +77,19 @@ def assert_unchanged(model, before: dict) -> None:
         assert after[key] == before[key], f"model {key} changed"
     for n, v in before["values"].items():
         assert torch.equal(after["values"][n], v), f"parameter {n} changed"
+
+
+def spread_norms(model, seed: int) -> int:
+    """Give every normalization of ``model`` random scales and shifts (random models start with 1 and 0,
+    which would hide a mistake in recomputing them). Returns how many parameters were changed."""
+    gen = torch.Generator().manual_seed(seed)
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" not in type(module).__name__.lower():
+                continue
+            for p in module.parameters(recurse=False):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+                changed += 1
+    return changed
+

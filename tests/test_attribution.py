@@ -10,7 +10,7 @@ from edgepatch.attribution import attribute, eap, eap_ig, exact_patching
 from edgepatch.metrics import get_metric
 from edgepatch.tasks import induction
 
-from conftest import assert_unchanged, cached_model, model_snapshot
+from conftest import assert_unchanged, cached_model, model_snapshot, spread_norms
 
 
 def data_for(model, n=6, seq_len=4, seed=0):
@@ -40,6 +40,21 @@ def test_eap_equals_autograd_gradient(case, split):
     assert torch.allclose(s.scores[v], ref[v], rtol=1e-5, atol=1e-6 * float(ref[v].abs().max()))
     assert float(ref[v].abs().max()) > 1e-4
     assert torch.isnan(s.scores[~v]).all()
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_eap_with_scaled_and_shifted_normalizations(model_class):
+    """EAP applies the Jacobian of each layer's normalization, recomputed from its parameters, to the
+    heads' gradients; random models have scales 1 and shifts 0, so give them random ones."""
+    model = ep.random_model("tiny", model_class=model_class, seed=3)
+    assert spread_norms(model, 4) > 0
+    g = ep.build_graph(model)
+    data = data_for(model)
+    s = eap(model, g, data, "logit_diff", batch_size=4, progress=False)
+    ref = autograd_reference(model, g, data)
+    v = g.valid
+    assert torch.allclose(s.scores[v], ref[v], rtol=1e-5, atol=1e-6 * float(ref[v].abs().max()))
+    assert float(ref[v].abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])

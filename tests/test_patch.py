@@ -12,7 +12,7 @@ from edgepatch import patching
 from edgepatch.errors import EdgepatchError
 from edgepatch.masks import mask_fn, train_masks
 
-from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot
+from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot, spread_norms
 
 ATOL = 1e-4
 
@@ -787,3 +787,38 @@ def test_token_blocks_agree_with_one_block(case, monkeypatch):
             dense = model(toks).detach()  # parameters require grad: the dense path, one block
         assert (blocks - dense).abs().max() <= ATOL
         assert calls or bool((W == 0).all())  # all-zero weights: every input from the cache, nothing mixed
+
+
+def _norm_variant(case):
+    """A fresh model for ``case``: a MODEL_CASES entry, or ("tiny", "LNPre" / "RMSPre"), a
+    HookedTransformer whose normalizations have no parameters (as from_pretrained's fold_ln gives)."""
+    preset, kind = case
+    if kind in ("LNPre", "RMSPre"):
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,
+                                      act_fn="gelu_new", normalization_type=kind, seed=7)
+        return HookedTransformer(cfg).eval()
+    return ep.random_model(preset, model_class=kind, seed=7)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES + [("tiny", "LNPre"), ("tiny", "RMSPre")], ids=model_id)
+def test_normalizations_with_scales_and_shifts(case, monkeypatch):
+    """The engine recomputes the attention-input normalization of patched heads from the module's
+    parameters (Projections.norm). Random models have scales 1 and shifts 0, under which dropping either
+    would go unseen: with random ones, and for the parameter-free normalizations of fold_ln, the logits
+    must match the reference without gradients (one block of tokens and blocks of 5) and with them."""
+    model = _norm_variant(case)
+    assert spread_norms(model, 8) > 0 or case[1] in ("LNPre", "RMSPre")
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=47), tokens(model, batch=3, pos=6, seed=48)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(49))
+    abl = ep.source_activations(model, g, corrupt)
+    want = reference_patched(model, g, W, clean, corrupt)
+    for chunk in (128, 5):
+        monkeypatch.setattr(patching, "_CHUNK_TOKENS", chunk)
+        with ep.patch(model, g, W, abl):
+            with torch.no_grad():
+                got = model(clean)
+            assert (got - want).abs().max() <= ATOL, chunk
+            assert (model(clean) - want).abs().max() <= ATOL  # parameters require grad: the dense path
