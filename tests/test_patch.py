@@ -822,3 +822,81 @@ def test_normalizations_with_scales_and_shifts(case, monkeypatch):
                 got = model(clean)
             assert (got - want).abs().max() <= ATOL, chunk
             assert (model(clean) - want).abs().max() <= ATOL  # parameters require grad: the dense path
+
+
+def _mlp_cases(g, gen, n_layers):
+    """Weights where MLPs are silent (no outgoing edge), read only ablated inputs, or neither, per circuit."""
+    base = (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.5).float()
+    silent, deaf = base.clone(), base.clone()
+    silent[g.src_index("m0")] = 0  # m0 is read by nobody
+    deaf[:, g.dest_index(f"m{n_layers - 1}")] = 0  # the last MLP reads only ablated inputs
+    both = deaf.clone()
+    both[g.src_index("m0")] = 0
+    return [silent, deaf, both, torch.zeros(g.n_src, g.n_dest),
+            torch.stack([torch.zeros(g.n_src, g.n_dest), base, silent]),  # circuits: all, none, one skipped
+            torch.stack([deaf, deaf])]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
+    """Without gradients, an MLP is not run (for the circuits of the batch that allow it) where no
+    destination reads its output, or, under corrupted-run ablation, where it reads only ablated inputs:
+    its output is then the ablated one. Against the reference, for corrupted-run, mean and zero ablation
+    (where only the first rule holds), single circuits and circuits folded into the batch; the MLP must
+    have run on fewer rows exactly where a rule applies; and a hook inside an MLP turns it off."""
+    model = cached_model(*case)
+    if getattr(model.cfg, "attn_only", False):
+        pytest.skip("no MLPs")
+    g = ep.build_graph(model)
+    L = model.cfg.n_layers
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=51), tokens(model, batch=3, pos=6, seed=52)
+    gen = torch.Generator().manual_seed(53)
+    rows = {}  # layer -> batch rows the MLP ran on (its input hook's output), in the last forward
+    original = patching._Engine._make_mlp_in_hook
+
+    def recording(self, layer, patched):
+        hook = original(self, layer, patched)
+
+        def wrapped(module, inp, x):
+            y = hook(module, inp, x)
+            rows[layer] = (x if y is None else y).shape[0]
+            return y
+        return wrapped
+
+    monkeypatch.setattr(patching._Engine, "_make_mlp_in_hook", recording)
+    corrupt_abl = ep.source_activations(model, g, corrupt)
+    mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=6, seed=54))
+    for abl in (corrupt_abl, mean_abl, ep.zero_ablation(g)):
+        for W in _mlp_cases(g, gen, L):
+            toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+            Ws = W if W.ndim == 3 else W[None]
+            if abl is corrupt_abl:
+                want = torch.cat([reference_patched(model, g, w, clean, corrupt) for w in Ws])
+            else:
+                full = abl.values.expand(-1, clean.shape[0], clean.shape[1], -1)
+                want = torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
+            rows.clear()
+            with ep.patch(model, g, W, abl), torch.no_grad():
+                got = model(toks)
+            assert (got - want).abs().max() <= ATOL
+            for layer in range(L):
+                src, dest = g.src_index(f"m{layer}"), g.dest_index(f"m{layer}")
+                silent = (Ws[:, src][:, g.valid[src]] == 0).all(-1)
+                deaf = (Ws[:, : int(g.engine_graph.n_pred[dest]), dest] == 0).all(-1)
+                skip = silent | deaf if abl is corrupt_abl else silent
+                assert rows[layer] == toks.shape[0] // len(Ws) * int((~skip).sum()), (abl.kind, layer)
+    # a hook inside the MLP sees every row: the engine runs the MLP on all of them
+    W = _mlp_cases(g, gen, L)[3]  # all ablated: every MLP could be skipped
+    want = reference_patched(model, g, W, clean, corrupt)
+    for watched in ("blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_post", "blocks.0.ln2", "blocks.0.mlp"):
+        seen_rows = []
+        handle = patching._hook_point(model, watched).register_forward_hook(
+            lambda m, i, o: seen_rows.append(o.shape[0]))
+        try:
+            with ep.patch(model, g, W, corrupt_abl), torch.no_grad():
+                got = model(clean)
+        finally:
+            handle.remove()
+        assert seen_rows == [clean.shape[0]], watched
+        assert rows[0] == clean.shape[0] and rows[L - 1] == 0, watched  # only the watched MLP runs
+        assert (got - want).abs().max() <= ATOL
