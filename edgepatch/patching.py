@@ -81,7 +81,10 @@ class Ablation:
 
     ``projections`` (corrupted-run ablations only): that run's q/k/v projections, ``"{layer}{q|k|v}"`` ->
     ``[batch, pos, heads, d_head]``. A head input whose edges are all ablated reads exactly what it read
-    in the corrupted run, so the patched forward takes its projection from here instead of recomputing it."""
+    in the corrupted run, so the patched forward takes its projection from here instead of recomputing it;
+    likewise an MLP whose input edges are all ablated takes its output from ``values`` (kind "corrupt").
+    Both assume the values are this model's run on the corrupted prompts: recompute them after changing
+    the model's weights."""
 
     values: Float[Tensor, "n_src batch pos d_model"]
     kind: str
