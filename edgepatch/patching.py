@@ -918,7 +918,7 @@ class _Engine:
             return self.mlp_skip[layer]
         skip = None
         W = self.W
-        if self.sparse and W is not None and layer in self.mlp_dest and self._mlp_alone(layer):
+        if self.sparse and W is not None and layer in self.mlp_dest:
             d, n = self.mlp_dest[layer]
             src = self.g.mlp_src_index(layer)
             Wc = W if W.ndim == 3 else W.unsqueeze(0)
@@ -926,7 +926,7 @@ class _Engine:
             silent = (Wc[:, src][:, reads] == 0).all(-1)  # no destination reads the output
             if self.abl_kind == "corrupt":
                 silent |= (Wc[:, :n, d] == 0).all(-1)  # the corrupted-run input: the corrupted output
-            skip = silent if bool(silent.any()) else None
+            skip = silent if bool(silent.any()) and self._mlp_alone(layer) else None
         self.mlp_skip[layer] = skip
         return skip
 
