@@ -940,7 +940,7 @@ class _Engine:
 
     def _mlp_alone(self, layer: int) -> bool:
         """No hook but the engine's on the MLP's input and output hook points, and none at all on the
-        modules of its input normalization and of the MLP (they would see the shortened batch), except
+        modules of its normalizations and of the MLP (they would see the shortened batch), except
         TransformerBridge's own, which feeds the normalization from ``hook_mlp_in``."""
         from transformer_lens.hook_points import HookPoint
 
@@ -949,11 +949,11 @@ class _Engine:
             return False
         out = _hook_point(self.model, f"blocks.{layer}.hook_mlp_out")
         bridge_own = {h.id for h in getattr(block, "_capture_hook_handles", ())}
-        for part in ("ln2", "mlp"):
+        if getattr(block, "mlp", None) is None:
+            return False
+        for part in ("ln2", "mlp", "ln2_post"):  # ln2_post: Gemma 2's normalization of the MLP output
             module = getattr(block, part, None)
-            if module is None:
-                return False
-            for m in module.modules():
+            for m in (() if module is None else module.modules()):
                 if isinstance(m, HookPoint):
                     if m is not out and not _alone(m, 0):
                         return False

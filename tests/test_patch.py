@@ -900,3 +900,63 @@ def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
         assert seen_rows == [clean.shape[0]], watched
         assert rows[0] == clean.shape[0] and rows[L - 1] == 0, watched  # only the watched MLP runs
         assert (got - want).abs().max() <= ATOL
+
+
+def _gemma2(model_class: str):
+    """A tiny Gemma-2-shaped model (normalizations before and after attention and MLP), random weights with
+    random normalization scales."""
+    import warnings
+
+    if model_class == "hooked":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,
+                                      act_fn="gelu_pytorch_tanh", normalization_type="RMS", gated_mlp=True,
+                                      use_normalization_before_and_after=True, positional_embedding_type="rotary",
+                                      rotary_dim=8, n_key_value_heads=2, seed=3)
+        model = HookedTransformer(cfg).eval()
+    else:
+        import transformers
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from edgepatch.tokenizers import gpt2_tokenizer
+
+        torch.manual_seed(3)
+        cfg = transformers.Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=16, sliding_window=8)
+        hf_model = transformers.Gemma2ForCausalLM(cfg).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = TransformerBridge.boot_transformers("google/gemma-2-2b", hf_model=hf_model,
+                                                        tokenizer=gpt2_tokenizer())
+    assert spread_norms(model, 5) > 0
+    return model
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_gemma2_normalizations_after_attention_and_mlp(model_class):
+    """Gemma 2 normalizes the attention and MLP outputs before adding them to the residual stream (the
+    sources are those normalized outputs). Random weights and circuits whose MLPs are skipped must match
+    the reference; all weights 0 must give the corrupted run."""
+    model = _gemma2(model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=55), tokens(model, batch=3, pos=6, seed=56)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(57)
+    for W in _mlp_cases(g, gen, model.cfg.n_layers)[:4] + [torch.rand(g.n_src, g.n_dest, generator=gen)]:
+        with ep.patch(model, g, W, abl), torch.no_grad():
+            got = model(clean)
+        assert (got - reference_patched(model, g, W, clean, corrupt)).abs().max() <= ATOL
+    with ep.patch(model, g, torch.zeros(g.n_src, g.n_dest), abl), torch.no_grad():
+        assert (model(clean) - model(corrupt)).abs().max() <= ATOL
+    # every MLP could be skipped, but a hook inside the normalization of the MLP's output sees every row
+    seen = []
+    hp = patching._hook_point(model, "blocks.0.ln2_post.hook_normalized")
+    handle = hp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        with ep.patch(model, g, torch.zeros(g.n_src, g.n_dest), abl), torch.no_grad():
+            model(clean)
+    finally:
+        handle.remove()
+    assert seen == [clean.shape[0]]
