@@ -1027,9 +1027,16 @@ class _Engine:
             # no gradient: into one scratch buffer for every layer (nothing keeps the outputs)
             shape = (W_O.shape[0], *z.shape[:2], W_O.shape[2])
             scratch = self._scratch("head outputs", z, shape) if self.sparse else None
-            outs = head_outputs(self.model, layer, z, W_O, out=scratch)
+            ours = _alone(module, 1) and all(_alone(w, 0) for w in watched)  # the attention output too
+            # heads nobody reads: their outputs cancel, so the ablated ones stand in (the residual stream
+            # must then receive those too: only where the engine computes the attention output)
+            silent = self._silent_heads(layer) if self.sparse and ours else None
+            if silent is None:
+                outs = head_outputs(self.model, layer, z, W_O, out=scratch)
+            else:
+                outs = self._some_head_outputs(layer, z, W_O, silent, scratch)
             self._sink(start, outs)
-            if not _alone(module, 1) or not all(_alone(w, 0) for w in watched):
+            if not ours:
                 return None
             total = outs.sum(0)
             self.attn_out[layer] = total + b_O.to(total.dtype) if b_O is not None else total
@@ -1037,6 +1044,43 @@ class _Engine:
             return z[:, :0]
 
         return hook
+
+    def _silent_heads(self, layer: int) -> Tensor | None:
+        """The layer's heads that no destination reads in any circuit of the batch (every outgoing weight
+        0), as indices; None where there are none. Their outputs cancel out of every destination's input
+        (see :meth:`_mlp_skipped`), so they are not computed: the ablated outputs stand in for them."""
+        W = self.W
+        if W is None:
+            return None
+        sl = self.g.head_src_slice(layer)
+        Wc = W if W.ndim == 3 else W.unsqueeze(0)
+        valid = self.g.valid[sl].to(W.device)  # [H, n_dest]
+        silent = ((Wc[:, sl] == 0) | ~valid).all(-1).all(0)  # [H]
+        return silent.nonzero().flatten() if bool(silent.any()) else None
+
+    def _some_head_outputs(self, layer: int, z: Tensor, W_O: Tensor, silent: Tensor, out: Tensor | None) -> Tensor:
+        """:func:`head_outputs` with the ``silent`` heads' outputs replaced by their ablated values (any
+        value would cancel; the ablated one makes their differences for the buffer exactly 0)."""
+        h, k, m = W_O.shape
+        b, p = z.shape[:2]
+        outs = out if out is not None else z.new_empty(h, b, p, m)
+        keep = torch.ones(h, dtype=torch.bool, device=silent.device)
+        keep[silent] = False
+        need = keep.nonzero().flatten()
+        a = self.abl[self.g.head_src_slice(layer)]  # [H, ab, ap, m]
+        if self.n_circuits and a.shape[1] not in (1, b):
+            c = self.n_circuits
+            ov = outs.view(h, c, b // c, p, m)
+            for i in silent.tolist():
+                ov[i] = a[i].to(outs.dtype).unsqueeze(0).expand(c, b // c, p, m)
+        else:
+            for i in silent.tolist():
+                outs[i] = a[i].to(outs.dtype).expand(b, p, m)
+        if need.numel():
+            zh = z.reshape(b * p, h, k).index_select(1, need).transpose(0, 1)  # [need, b*p, d_head]
+            vals = torch.bmm(zh, W_O.index_select(0, need).to(z.dtype))
+            outs.view(h, b * p, m).index_copy_(0, need, vals)
+        return outs
 
     def _make_attn_out_hook(self, layer: int) -> Callable:
         def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:

@@ -960,3 +960,57 @@ def test_gemma2_normalizations_after_attention_and_mlp(model_class):
     finally:
         handle.remove()
     assert seen == [clean.shape[0]]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_heads_nobody_reads_are_not_computed(case, monkeypatch):
+    """Without gradients, heads whose outgoing weights are all 0 (in every circuit of the batch) cancel out
+    of every destination's input: the engine does not compute their outputs and lets the ablated ones
+    stand in, for the residual stream too. Against the reference, under corrupted-run and mean ablation,
+    single and folded circuits. Where a hook watches the heads' values z, the model computes the
+    attention output itself from the real heads, so the engine must then compute them all."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=61), tokens(model, batch=3, pos=6, seed=62)
+    gen = torch.Generator().manual_seed(63)
+    calls = []
+    original = patching._Engine._some_head_outputs
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(patching._Engine, "_some_head_outputs", counted)
+    H = model.cfg.n_heads
+    silent = [g.src_index(f"a0.h{h}") for h in range(H - 1)] + [g.src_index(f"a1.h{H - 1}")]
+    base = (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.5).float()
+    base[:, silent] = 0
+    cases = [base[0], base, torch.zeros(g.n_src, g.n_dest)]
+    corrupt_abl = ep.source_activations(model, g, corrupt)
+    mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=6, seed=64))
+    for abl in (corrupt_abl, mean_abl):
+        for W in cases:
+            Ws = W if W.ndim == 3 else W[None]
+            toks = clean.repeat(len(Ws), 1)
+            if abl is corrupt_abl:
+                want = torch.cat([reference_patched(model, g, w, clean, corrupt) for w in Ws])
+            else:
+                full = abl.values.expand(-1, clean.shape[0], clean.shape[1], -1)
+                want = torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
+            for watch in (False, True):
+                calls.clear()
+                seen = []
+                with ep.patch(model, g, W, abl), torch.no_grad():
+                    handle = patching._hook_point(model, "blocks.0.attn.hook_z").register_forward_hook(
+                        lambda m, i, o: seen.append(o.shape)) if watch else None
+                    try:
+                        got = model(toks)
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                assert (got - want).abs().max() <= ATOL, (abl.kind, watch)
+                proj = patching.projections_of(model)
+                if proj is not None and proj.output_hooks(0) is not None:  # the engine sums the heads
+                    assert len(calls) == (1 if watch else 2), (abl.kind, watch)  # layers 0 and 1; 1 watched
+                if watch:
+                    assert seen and seen[0][0] == toks.shape[0]
