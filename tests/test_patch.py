@@ -116,6 +116,19 @@ def reference_patched(model, graph, W, clean, corrupt):
             model.set_use_hook_mlp_in(saved[1])
 
 
+def count_calls(monkeypatch, name: str) -> list:
+    """Spy on the engine method ``name``: the returned list gets one entry per call."""
+    calls: list = []
+    original = getattr(patching._Engine, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(patching._Engine, name, counted)
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------------
 # Graph structure
 # ---------------------------------------------------------------------------------------------------
@@ -766,14 +779,7 @@ def test_token_blocks_agree_with_one_block(case, monkeypatch):
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=3, pos=6, seed=41), tokens(model, batch=3, pos=6, seed=42)
     abl = ep.source_activations(model, g, corrupt)
-    calls = []
-    original = patching._Engine._mix_project_chunked
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(patching._Engine, "_mix_project_chunked", counted)
+    calls = count_calls(monkeypatch, "_mix_project_chunked")
     monkeypatch.setattr(patching, "_CHUNK_TOKENS", 5)
     gen = torch.Generator().manual_seed(43)
     cases = _path_cases(g, gen) + [torch.rand(3, g.n_src, g.n_dest, generator=gen),
@@ -971,14 +977,7 @@ def test_heads_nobody_reads_are_not_computed(case, monkeypatch):
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=3, pos=6, seed=61), tokens(model, batch=3, pos=6, seed=62)
     gen = torch.Generator().manual_seed(63)
-    calls = []
-    original = patching._Engine._some_head_outputs
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(patching._Engine, "_some_head_outputs", counted)
+    calls = count_calls(monkeypatch, "_some_head_outputs")
     H = model.cfg.n_heads
     silent = [g.src_index(f"a0.h{h}") for h in range(H - 1)] + [g.src_index(f"a1.h{H - 1}")]
     base = (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.5).float()
