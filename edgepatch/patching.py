@@ -453,8 +453,11 @@ _BRIDGE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
 _BRIDGE_ATTENTION = ("AttentionBridge", "JointQKVAttentionBridge", "PositionEmbeddingsAttentionBridge",
                      "JointQKVPositionEmbeddingsAttentionBridge")
 # Bridge attention classes whose forward takes batch and positions from the q/k/v projections, not from
-# their input (see Projections.input_hook).
+# their input (see Projections.input_hooks).
 _BRIDGE_SHAPE_FROM_QKV = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge")
+# Bridge attention classes that take batch and positions from their input but run each of q, k, v and the
+# output projection through its own LinearBridge (q, k, v, o), whose input hooks then serve.
+_BRIDGE_SEPARATE_QKV = ("PositionEmbeddingsAttentionBridge",)
 
 
 class Projections:
@@ -521,17 +524,22 @@ class Projections:
         y = y * w if w is not None else y
         return y + b if b is not None else y
 
-    def input_hook(self, layer: int) -> str | None:
-        """The hook point that carries the layer's normalized attention input to the q/k/v projections,
-        where the rest of the attention takes batch and positions from the projections' outputs (so a
-        hook there may return the input with no positions, and the model's projection does no work); None
-        where there is no such hook point. See :meth:`_Engine._make_input_hook`."""
+    def input_hooks(self, layer: int) -> tuple[str, ...]:
+        """The hook points that carry the layer's normalized attention input to the q/k/v projections and
+        nowhere else that needs its positions (so hooks there may return the input with no positions, and
+        the model's projections do no work); none where there are no such hook points. See
+        :meth:`_Engine._make_input_hook`."""
         block = self.model.blocks[layer]
         if self.bridge:
-            ok = type(block.attn).__name__ in _BRIDGE_SHAPE_FROM_QKV and hasattr(block.attn, "hook_in")
-            return f"blocks.{layer}.attn.hook_in" if ok else None
+            attn = block.attn
+            kind = type(attn).__name__
+            if kind in _BRIDGE_SHAPE_FROM_QKV and hasattr(attn, "hook_in"):
+                return (f"blocks.{layer}.attn.hook_in",)
+            if kind in _BRIDGE_SEPARATE_QKV and all(hasattr(getattr(attn, c, None), "hook_in") for c in "qkv"):
+                return tuple(f"blocks.{layer}.attn.{c}.hook_in" for c in "qkv")
+            return ()
         # HookedTransformer: ln1 runs once for each of q, k and v; its hook_normalized feeds the projection
-        return f"blocks.{layer}.ln1.hook_normalized" if hasattr(block.ln1, "hook_normalized") else None
+        return (f"blocks.{layer}.ln1.hook_normalized",) if hasattr(block.ln1, "hook_normalized") else ()
 
     def output_hooks(self, layer: int) -> tuple[str, str, tuple[str, ...]] | None:
         """``(z, attention output, in between)``: the hook points of the per-head values ``z``, of the
@@ -545,8 +553,8 @@ class Projections:
         z = f"blocks.{layer}.attn.hook_z"
         if self.bridge:
             attn = block.attn
-            if (type(attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV or getattr(cfg, "use_attn_result", False)
-                    or not hasattr(attn, "hook_out")):
+            if (type(attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV + _BRIDGE_SEPARATE_QKV
+                    or getattr(cfg, "use_attn_result", False) or not hasattr(attn, "hook_out")):
                 return None
             between = [f"blocks.{layer}.attn.o.hook_out"] if hasattr(getattr(attn, "o", None), "hook_out") else []
             if hasattr(attn, "hook_hidden_states"):
@@ -723,9 +731,9 @@ class _Engine:
                 hooks.append((f"blocks.{layer}.hook_resid_pre", on_resid))
             for kind, _, _ in groups:
                 hooks.append((f"blocks.{layer}.attn.hook_{kind}", self._make_proj_hook(layer, kind)))
-            name = self.proj.input_hook(layer) if self.proj is not None else None
-            if name is not None:
-                hooks.append((name, self._make_input_hook(layer)))
+            names = self.proj.input_hooks(layer) if self.proj is not None else ()
+            for name in names:
+                hooks.append((name, self._make_input_hook(layer, names)))
         return hooks
 
     def install(self) -> None:
@@ -1089,17 +1097,19 @@ class _Engine:
 
         return hook
 
-    def _make_input_hook(self, layer: int) -> Callable:
-        """At the layer's attention input (:meth:`Projections.input_hook`): compute the layer's q/k/v.
-        When the engine computes them for every head (:meth:`_project_layer`), pass the model's own
-        projections an input with no positions, so that they cost nothing; the q/k/v hooks then return
-        the engine's values. Not when another hook watches this hook point (its user would see no
-        positions): the model's projections then run as usual and only patched heads are replaced."""
+    def _make_input_hook(self, layer: int, names: tuple[str, ...]) -> Callable:
+        """At the layer's attention input (:meth:`Projections.input_hooks`, one or more hook points
+        ``names``): compute the layer's q/k/v. When the engine computes them for every head
+        (:meth:`_project_layer`), pass the model's own projections an input with no positions, so that they
+        cost nothing; the q/k/v hooks then return the engine's values. Not when another hook watches one
+        of these hook points (its user would see no positions): the model's projections then run as usual
+        and only patched heads are replaced."""
         def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
             if self.inactive or self.W is None or self.buf is None:
                 return None
             if layer not in self.pending:
-                self.pending[layer] = self._project_layer(layer, own=_alone(module, 1))
+                own = all(_alone(_hook_point(self.model, name), 1) for name in names)
+                self.pending[layer] = self._project_layer(layer, own=own)
             return out[:, :0] if layer in self.owned else None
 
         return hook

@@ -641,9 +641,11 @@ def test_engine_projections_of_all_heads_agree(case, split):
     abl = ep.source_activations(model, g, corrupt)
     proj = patching.projections_of(model)
     n_layers = model.cfg.n_layers
-    hook_names = [proj.input_hook(layer) for layer in range(n_layers)] if proj else []
+    input_names = [proj.input_hooks(layer) for layer in range(n_layers)] if proj else []
     out_hooks = [proj.output_hooks(layer) for layer in range(n_layers)] if proj else []
+    hook_names = [n for names in input_names for n in names]
     hook_names += [names[0] for names in out_hooks if names is not None]  # hook_z
+    last_inputs = [names[-1] for names in input_names if names]  # e.g. v's input only, of q/k/v's three
     seen: list[int] = []
 
     def watch(t, hook):
@@ -651,20 +653,20 @@ def test_engine_projections_of_all_heads_agree(case, split):
 
     got = {}
     with torch.no_grad():
-        for mode in ("engine", "watched", "watched in the backward pass"):
+        for mode in ("engine", "watched", "watched in the backward pass", "one input watched"):
             with ep.patch(model, g, W, abl):
                 engine = patching.active_patch(model)
-                if mode != "engine":
-                    for name in filter(None, hook_names):
-                        model.hook_dict[name].add_hook(watch, dir="fwd" if mode == "watched" else "bwd")
+                watched = last_inputs if mode == "one input watched" else [] if mode == "engine" else hook_names
+                for name in watched:
+                    model.hook_dict[name].add_hook(watch, dir="bwd" if "backward" in mode else "fwd")
                 try:
                     got[mode] = model(clean)
                     owned, summed = set(engine.owned), set(engine.summed)
                 finally:
                     model.reset_hooks(including_permanent=False)
-            every = set(range(n_layers)) if mode == "engine" else set()
-            assert owned == (every if any(n is not None for n in hook_names[:n_layers]) else set()), mode
-            assert summed == (every if any(out_hooks) else set()), mode
+            every = set(range(n_layers))
+            assert owned == (every if mode == "engine" and any(input_names) else set()), mode
+            assert summed == (every if mode in ("engine", "one input watched") and any(out_hooks) else set()), mode
         want = reference_patched(model, g, W, clean, corrupt)
     if any(hook_names):  # a watcher of the attention input or of z sees every token
         assert seen and all(p == clean.shape[1] for p in seen)
