@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -304,7 +305,31 @@ def build_graph(model: object, split_qkv: bool = True, level: Level = "edge") ->
     if not isinstance(split_qkv, bool):
         raise EdgepatchError(f"split_qkv must be True or False, got {split_qkv!r}.")
     spec = model_spec(model)
+    if _normalizes_attention_output(model):
+        warnings.warn(
+            f"build_graph: {spec.name} normalizes each layer's attention output before adding it to the "
+            "residual stream (Gemma 2/3, OLMo 2), so the heads' outputs do not add up to what the residual "
+            "stream receives. edgepatch takes a head's output before that normalization (z_h @ W_O^h): "
+            "ablating every edge out of a head is then close to, not equal to, replacing the head's output. "
+            "MLP edges are exact. Treat head-level results on this model as an approximation.",
+            stacklevel=2,
+        )
     return graph_from_spec(spec, split_qkv=split_qkv, level=level)
+
+
+def _normalizes_attention_output(model: object) -> bool:
+    """Whether the model normalizes its attention outputs before the residual stream adds them."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        return True
+    try:
+        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+    except ImportError:  # older TransformerLens: no post-norm architectures
+        POST_NORM_ARCHITECTURES = ()
+    if getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+        return True
+    blocks = getattr(model, "blocks", None) or []
+    return any(getattr(block, "ln1_post", None) is not None for block in blocks)
 
 
 def graph_from_spec(spec: ModelSpec, split_qkv: bool = True, level: Level = "edge") -> Graph:

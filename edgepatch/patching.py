@@ -564,6 +564,14 @@ class Projections:
             return None
         return z, f"blocks.{layer}.hook_attn_out", ()
 
+    def attention_output_normalized(self, layer: int) -> bool:
+        """Whether the layer normalizes its attention output before the residual stream adds it (Gemma 2's
+        ``ln1_post``): the heads' outputs ``z_h W_O^h`` then do not add up to what the residual stream
+        receives."""
+        if self.bridge:
+            return getattr(self.model.blocks[layer], "ln1_post", None) is not None
+        return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
+
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
         """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
         W = self._param(layer, f"W{kind}", lambda: projection_param(self.model, layer, "W", kind, n_out))
@@ -1056,9 +1064,11 @@ class _Engine:
     def _silent_heads(self, layer: int) -> Tensor | None:
         """The layer's heads that no destination reads in any circuit of the batch (every outgoing weight
         0), as indices; None where there are none. Their outputs cancel out of every destination's input
-        (see :meth:`_mlp_skipped`), so they are not computed: the ablated outputs stand in for them."""
+        (see :meth:`_mlp_skipped`), so they are not computed: the ablated outputs stand in for them. Not
+        where the attention output is normalized before the residual stream adds it: the residual stream
+        would then change, not cancel."""
         W = self.W
-        if W is None:
+        if W is None or self.proj is None or self.proj.attention_output_normalized(layer):
             return None
         sl = self.g.head_src_slice(layer)
         Wc = W if W.ndim == 3 else W.unsqueeze(0)

@@ -942,15 +942,21 @@ def _gemma2(model_class: str):
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_gemma2_normalizations_after_attention_and_mlp(model_class):
-    """Gemma 2 normalizes the attention and MLP outputs before adding them to the residual stream (the
-    sources are those normalized outputs). Random weights and circuits whose MLPs are skipped must match
-    the reference; all weights 0 must give the corrupted run."""
+    """Gemma 2 normalizes the attention and MLP outputs before adding them to the residual stream. MLP
+    sources are the normalized outputs (``hook_mlp_out``), head sources ``z_h W_O^h`` before the
+    normalization, where heads do not add up (see the README's supported models). The engine must follow
+    that rule everywhere, also for a head that no destination reads (it is computed here, not skipped),
+    for random weights and for circuits whose MLPs are skipped; all weights 0 give the corrupted run."""
     model = _gemma2(model_class)
-    g = ep.build_graph(model)
+    with pytest.warns(UserWarning, match="heads' outputs do not add up"):
+        g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=3, pos=6, seed=55), tokens(model, batch=3, pos=6, seed=56)
     abl = ep.source_activations(model, g, corrupt)
     gen = torch.Generator().manual_seed(57)
-    for W in _mlp_cases(g, gen, model.cfg.n_layers)[:4] + [torch.rand(g.n_src, g.n_dest, generator=gen)]:
+    silent_head = torch.ones(g.n_src, g.n_dest)
+    silent_head[g.src_index("a0.h1")] = 0  # every edge out of one head ablated
+    for W in _mlp_cases(g, gen, model.cfg.n_layers)[:4] + [torch.rand(g.n_src, g.n_dest, generator=gen),
+                                                            silent_head]:
         with ep.patch(model, g, W, abl), torch.no_grad():
             got = model(clean)
         assert (got - reference_patched(model, g, W, clean, corrupt)).abs().max() <= ATOL
