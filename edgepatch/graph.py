@@ -317,16 +317,20 @@ def build_graph(model: object, split_qkv: bool = True, level: Level = "edge") ->
     return graph_from_spec(spec, split_qkv=split_qkv, level=level)
 
 
-def _normalizes_attention_output(model: object) -> bool:
-    """Whether the model normalizes its attention outputs before the residual stream adds them."""
-    cfg = getattr(model, "cfg", None)
-    if getattr(cfg, "use_normalization_before_and_after", False):
-        return True
+def is_post_norm(model: object) -> bool:
+    """Whether TransformerLens lists the model's architecture as post-norm (OLMo 2/3: the normalization
+    follows each sublayer instead of preceding it)."""
     try:
         from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
     except ImportError:  # older TransformerLens: no post-norm architectures
-        POST_NORM_ARCHITECTURES = ()
-    if getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+        return False
+    return getattr(getattr(model, "cfg", None), "original_architecture", None) in POST_NORM_ARCHITECTURES
+
+
+def _normalizes_attention_output(model: object) -> bool:
+    """Whether the model normalizes its attention outputs before the residual stream adds them."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "use_normalization_before_and_after", False) or is_post_norm(model):
         return True
     blocks = getattr(model, "blocks", None) or []
     return any(getattr(block, "ln1_post", None) is not None for block in blocks)

@@ -65,7 +65,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str
-from edgepatch.graph import Graph, ModelSpec, dest_groups, model_spec
+from edgepatch.graph import Graph, ModelSpec, dest_groups, is_post_norm, model_spec
 from edgepatch.metrics import final_logits, run_without_logits
 
 Weights = Union[Tensor, Iterable[str]]
@@ -609,11 +609,7 @@ def projections_of(model: Any) -> Projections | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         return None
-    try:
-        from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-    except ImportError:  # older TransformerLens: no post-norm architectures
-        POST_NORM_ARCHITECTURES = ()
-    if getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+    if is_post_norm(model):
         return None
     if getattr(cfg, "positional_embedding_type", "") == "shortformer" or getattr(cfg, "load_in_4bit", False):
         return None
