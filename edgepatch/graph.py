@@ -305,7 +305,7 @@ def build_graph(model: object, split_qkv: bool = True, level: Level = "edge") ->
     if not isinstance(split_qkv, bool):
         raise EdgepatchError(f"split_qkv must be True or False, got {split_qkv!r}.")
     spec = model_spec(model)
-    if _normalizes_attention_output(model):
+    if normalizes_attention_output(model):
         warnings.warn(
             f"build_graph: {spec.name} normalizes each layer's attention output before adding it to the "
             "residual stream (Gemma 2/3, OLMo 2), so the heads' outputs do not add up to what the residual "
@@ -327,7 +327,7 @@ def is_post_norm(model: object) -> bool:
     return getattr(getattr(model, "cfg", None), "original_architecture", None) in POST_NORM_ARCHITECTURES
 
 
-def _normalizes_attention_output(model: object) -> bool:
+def normalizes_attention_output(model: object) -> bool:
     """Whether the model normalizes its attention outputs before the residual stream adds them."""
     cfg = getattr(model, "cfg", None)
     if getattr(cfg, "use_normalization_before_and_after", False) or is_post_norm(model):

@@ -65,7 +65,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str
-from edgepatch.graph import Graph, ModelSpec, dest_groups, is_post_norm, model_spec
+from edgepatch.graph import Graph, ModelSpec, dest_groups, is_post_norm, model_spec, normalizes_attention_output
 from edgepatch.metrics import final_logits, run_without_logits
 
 Weights = Union[Tensor, Iterable[str]]
@@ -564,14 +564,6 @@ class Projections:
             return None
         return z, f"blocks.{layer}.hook_attn_out", ()
 
-    def attention_output_normalized(self, layer: int) -> bool:
-        """Whether the layer normalizes its attention output before the residual stream adds it (Gemma 2's
-        ``ln1_post``): the heads' outputs ``z_h W_O^h`` then do not add up to what the residual stream
-        receives."""
-        if self.bridge:
-            return getattr(self.model.blocks[layer], "ln1_post", None) is not None
-        return bool(getattr(self.model.cfg, "use_normalization_before_and_after", False))
-
     def weight(self, layer: int, kind: str, n_out: int) -> Tensor:
         """``W_Q`` / ``W_K`` / ``W_V`` as ``[n_out, d_model, d_head]`` (see :func:`projection_param`)."""
         W = self._param(layer, f"W{kind}", lambda: projection_param(self.model, layer, "W", kind, n_out))
@@ -654,6 +646,8 @@ class _Engine:
         self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [pos, ...])
         self.n_circuits = 0
         self.plan = dest_groups(graph)
+        # the residual stream receives a normalization of the heads' sum (Gemma 2): heads do not cancel
+        self.heads_add_up = not normalizes_attention_output(model)
         self.handles: list[Any] = []
         self.hook_specs: list[tuple[str, Callable]] | None = None  # default: hook_list()
         self._reset()
@@ -1008,12 +1002,11 @@ class _Engine:
             b = self.batch
             c = len(skip)
             per = b // c
-            a = self.abl[src]
             full = out.new_empty(b, *out.shape[1:])
             j = 0
             for i in range(c):
                 if bool(skip[i]):
-                    full[i * per : (i + 1) * per] = a.to(out.dtype).expand(per, *out.shape[1:])
+                    _put_ablated(full[i * per : (i + 1) * per], self.abl[src])
                 else:
                     full[i * per : (i + 1) * per] = out[j : j + per]
                     j += per
@@ -1064,7 +1057,7 @@ class _Engine:
         where the attention output is normalized before the residual stream adds it: the residual stream
         would then change, not cancel."""
         W = self.W
-        if W is None or self.proj is None or self.proj.attention_output_normalized(layer):
+        if W is None or not self.heads_add_up:
             return None
         sl = self.g.head_src_slice(layer)
         Wc = W if W.ndim == 3 else W.unsqueeze(0)
@@ -1082,14 +1075,8 @@ class _Engine:
         keep[silent] = False
         need = keep.nonzero().flatten()
         a = self.abl[self.g.head_src_slice(layer)]  # [H, ab, ap, m]
-        if self.n_circuits and a.shape[1] not in (1, b):
-            c = self.n_circuits
-            ov = outs.view(h, c, b // c, p, m)
-            for i in silent.tolist():
-                ov[i] = a[i].to(outs.dtype).unsqueeze(0).expand(c, b // c, p, m)
-        else:
-            for i in silent.tolist():
-                outs[i] = a[i].to(outs.dtype).expand(b, p, m)
+        for i in silent.tolist():
+            _put_ablated(outs[i], a[i])
         if need.numel():
             zh = z.reshape(b * p, h, k).index_select(1, need).transpose(0, 1)  # [need, b*p, d_head]
             vals = torch.bmm(zh, W_O.index_select(0, need).to(z.dtype))
@@ -1485,6 +1472,14 @@ _CHUNK_TOKENS = 128  # see _Engine._mix_project_chunked
 # row, in units of one source x destination product of the matrix product (GPT-2 small, 2 threads)
 _EDGE_COST = 20
 _COPY_COST = 6
+
+
+def _put_ablated(dst: Tensor, a: Tensor) -> None:
+    """Write ablated values ``a`` (``[ab, ap, d_model]``, batch and positions possibly 1) into the batch
+    rows ``dst`` (``[rows, pos, d_model]``): ``a``'s prompts repeat over circuits folded into the rows."""
+    if a.shape[0] not in (1, dst.shape[0]):
+        dst = dst.unflatten(0, (-1, a.shape[0]))  # a view: circuit x prompt
+    dst.copy_(a)  # broadcasts batch / positions of 1
 
 
 def _alone(hook_point: Any, ours: int) -> bool:

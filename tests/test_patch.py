@@ -347,6 +347,14 @@ def _reference_with_values(model, g, W, clean, values):
         globals()["record_sources"] = original
 
 
+def _reference_circuits(model, g, Ws, clean, ablation):
+    """The reference for each circuit of ``Ws`` (``[C, n_src, n_dest]``), concatenated as the batch of
+    ``clean.repeat(C, 1)``; ``ablation``: the corrupted tokens, or a broadcasting Ablation."""
+    if isinstance(ablation, torch.Tensor):
+        return torch.cat([reference_patched(model, g, w, clean, ablation) for w in Ws])
+    full = ablation.values.expand(-1, clean.shape[0], clean.shape[1], -1)
+    return torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
+
 def test_per_position_weights():
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)
@@ -876,11 +884,7 @@ def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
         for W in _mlp_cases(g, gen, L):
             toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
             Ws = W if W.ndim == 3 else W[None]
-            if abl is corrupt_abl:
-                want = torch.cat([reference_patched(model, g, w, clean, corrupt) for w in Ws])
-            else:
-                full = abl.values.expand(-1, clean.shape[0], clean.shape[1], -1)
-                want = torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
+            want = _reference_circuits(model, g, Ws, clean, corrupt if abl is corrupt_abl else abl)
             rows.clear()
             with ep.patch(model, g, W, abl), torch.no_grad():
                 got = model(toks)
@@ -997,11 +1001,7 @@ def test_heads_nobody_reads_are_not_computed(case, monkeypatch):
         for W in cases:
             Ws = W if W.ndim == 3 else W[None]
             toks = clean.repeat(len(Ws), 1)
-            if abl is corrupt_abl:
-                want = torch.cat([reference_patched(model, g, w, clean, corrupt) for w in Ws])
-            else:
-                full = abl.values.expand(-1, clean.shape[0], clean.shape[1], -1)
-                want = torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
+            want = _reference_circuits(model, g, Ws, clean, corrupt if abl is corrupt_abl else abl)
             for watch in (False, True):
                 calls.clear()
                 seen = []
