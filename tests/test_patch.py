@@ -853,19 +853,9 @@ def _mlp_cases(g, gen, n_layers):
             torch.stack([deaf, deaf])]
 
 
-@pytest.mark.parametrize("case", [c for c in MODEL_CASES if c[0] != "tiny-attn-only"], ids=model_id)  # MLPs
-def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
-    """Without gradients, an MLP is not run (for the circuits of the batch that allow it) where no
-    destination reads its output, or, under corrupted-run ablation, where it reads only ablated inputs:
-    its output is then the ablated one. Against the reference, for corrupted-run, mean and zero ablation
-    (where only the first rule holds), single circuits and circuits folded into the batch; the MLP must
-    have run on fewer rows exactly where a rule applies; and a hook inside an MLP turns it off."""
-    model = cached_model(*case)
-    g = ep.build_graph(model)
-    L = model.cfg.n_layers
-    clean, corrupt = tokens(model, batch=3, pos=6, seed=51), tokens(model, batch=3, pos=6, seed=52)
-    gen = torch.Generator().manual_seed(53)
-    rows = {}  # layer -> batch rows the MLP ran on (its input hook's output), in the last forward
+def _record_mlp_rows(monkeypatch) -> dict[int, int]:
+    """layer -> the batch rows each MLP ran on (its input hook's output) in the last patched forward."""
+    rows: dict[int, int] = {}
     original = patching._Engine._make_mlp_in_hook
 
     def recording(self, layer, patched):
@@ -878,6 +868,22 @@ def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(patching._Engine, "_make_mlp_in_hook", recording)
+    return rows
+
+
+@pytest.mark.parametrize("case", [c for c in MODEL_CASES if c[0] != "tiny-attn-only"], ids=model_id)  # MLPs
+def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
+    """Without gradients, an MLP is not run (for the circuits of the batch that allow it) where no
+    destination reads its output, or, under corrupted-run ablation, where it reads only ablated inputs:
+    its output is then the ablated one. Against the reference, for corrupted-run, mean and zero ablation
+    (where only the first rule holds), single circuits and circuits folded into the batch; the MLP must
+    have run on fewer rows exactly where a rule applies; and a hook inside an MLP turns it off."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    L = model.cfg.n_layers
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=51), tokens(model, batch=3, pos=6, seed=52)
+    gen = torch.Generator().manual_seed(53)
+    rows = _record_mlp_rows(monkeypatch)
     corrupt_abl = ep.source_activations(model, g, corrupt)
     mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=6, seed=54))
     for abl in (corrupt_abl, mean_abl, ep.zero_ablation(g)):
@@ -942,6 +948,57 @@ def _gemma2(model_class: str):
                                                         tokenizer=gpt2_tokenizer())
     assert spread_norms(model, 5) > 0
     return model
+
+
+def _mixture_of_experts(model_class: str):
+    """A tiny Mixtral-shaped model (each MLP a router over 4 experts, 2 per token), random weights."""
+    import warnings
+
+    if model_class == "hooked":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,
+                                      act_fn="silu", normalization_type="RMS", gated_mlp=True, num_experts=4,
+                                      experts_per_token=2, n_key_value_heads=2, positional_embedding_type="rotary",
+                                      rotary_dim=8, seed=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return HookedTransformer(cfg).eval()
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from edgepatch.tokenizers import gpt2_tokenizer
+
+    torch.manual_seed(3)
+    cfg = transformers.MixtralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=16, num_local_experts=4, num_experts_per_tok=2)
+    hf_model = transformers.MixtralForCausalLM(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers("mistralai/Mixtral-8x7B-v0.1", hf_model=hf_model,
+                                                   tokenizer=gpt2_tokenizer())
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_mixture_of_experts_mlps(model_class, monkeypatch):
+    """Mixture-of-experts MLPs (a router picks experts per token): patching matches the reference for random
+    weights and for circuits whose MLPs the engine skips, where the router then sees fewer rows, or none
+    (every circuit skips the MLP)."""
+    model = _mixture_of_experts(model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=71), tokens(model, batch=3, pos=6, seed=72)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(73)
+    rows = _record_mlp_rows(monkeypatch)
+    ran_on = set()
+    for W in _mlp_cases(g, gen, model.cfg.n_layers) + [torch.rand(g.n_src, g.n_dest, generator=gen)]:
+        Ws = W if W.ndim == 3 else W[None]
+        with ep.patch(model, g, W, abl), torch.no_grad():
+            got = model(clean.repeat(len(Ws), 1))
+        assert (got - _reference_circuits(model, g, Ws, clean, corrupt)).abs().max() <= ATOL
+        ran_on.update(r / (len(Ws) * clean.shape[0]) for r in rows.values())  # the share of the batch
+    assert 0 in ran_on and 1 in ran_on and any(0 < r < 1 for r in ran_on)  # no rows, some, all
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
