@@ -9,7 +9,9 @@ judges a circuit by how much of the clean behaviour it keeps. A metric here is a
 
 that reads the next-token prediction at ``data.answer_pos`` (the last real token) and returns one value
 per prompt. It must be differentiable in ``logits``: attribution patching (EAP) and integrated gradients
-take its gradient. Reduce over the batch yourself (usually ``.mean()``).
+take its gradient. edgepatch reduces over the prompts itself: :func:`get_metric` wraps a metric you
+write in a :class:`CheckedMetric`, which stops with a clear error when it returns anything but one value
+per prompt. Where you call a metric in your own code, reduce over the batch yourself (usually ``.mean()``).
 
 Built-in metrics (``get_metric(name)``):
 
@@ -72,6 +74,7 @@ __all__ = [
     "prob_diff_years",
     "METRICS",
     "get_metric",
+    "CheckedMetric",
     "register_metric",
     "normalized_faithfulness",
 ]
@@ -333,12 +336,60 @@ def get_metric(name_or_callable: Union[str, Callable]) -> Callable:
             )
         return entry() if isinstance(entry, type) else entry
     if isinstance(name_or_callable, type):
-        return name_or_callable()
+        return _checked(name_or_callable())
     if callable(name_or_callable):
-        return name_or_callable
+        return _checked(name_or_callable)
     raise TypeError(
         f"metric must be a name or a callable (logits, data) -> [batch], got {type(name_or_callable).__name__}."
     )
+
+
+def _checked(metric: Callable) -> Callable:
+    """``metric`` as is when built in (or a ``KLDivergence``), else a :class:`CheckedMetric` around it."""
+    if isinstance(metric, (CheckedMetric, KLDivergence)) or any(metric is m for m in METRICS.values()):
+        return metric
+    return CheckedMetric(metric)
+
+
+class CheckedMetric:
+    """A metric you wrote, as :func:`get_metric` returns it: calls go to it and its output is checked, one
+    value per prompt (a metric that reduces over the batch itself would give every prompt the batch's value
+    in a sweep, silently). Attributes (``higher_is_better``, ``needs_clean``, names) are the metric's own;
+    ``prepare`` returns a checked metric too.
+
+    >>> m = get_metric(lambda logits, data: logits[:, -1, 0].mean())
+    >>> m(torch.zeros(2, 3, 5), None)
+    Traceback (most recent call last):
+    ...
+    ValueError: The metric <lambda> returned a tensor of shape []; expected one value per prompt, shape [2] ...
+    """
+
+    def __init__(self, metric: Callable) -> None:
+        self.metric = metric
+        self.__name__ = getattr(metric, "__name__", type(metric).__name__)  # a callable object: its class
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "metric":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        attr = getattr(self.metric, name)
+        if name == "prepare" and callable(attr):
+            return lambda *args, **kwargs: _checked(attr(*args, **kwargs))
+        return attr
+
+    def __call__(self, logits: Tensor, data: Any) -> Tensor:
+        out = self.metric(logits, data)
+        rows = logits.shape[0] if isinstance(logits, Tensor) and logits.ndim >= 1 else None
+        if not isinstance(out, Tensor) or (rows is not None and tuple(out.shape) != (rows,)):
+            got = f"a tensor of shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+            raise ValueError(
+                f"The metric {self.__name__} returned {got}; expected one value per prompt, shape [{rows}] for logits of "
+                f"shape {list(logits.shape)}. A metric is (logits [batch, pos, d_vocab], data) -> [batch]: leave "
+                f"the reduction over prompts to edgepatch (drop a final .mean() or .sum())."
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return f"CheckedMetric({self.metric!r})"
 
 
 def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:

@@ -1,12 +1,14 @@
 """Metrics on hand-built logits, with expected values derived by hand in each test."""
 
 import math
+import re
 import warnings
 
 import pytest
 import torch
 
 from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot
+from edgepatch.baselines import _resolve_metric
 from edgepatch.data import PromptPairs
 from edgepatch.metrics import (
     METRICS,
@@ -176,7 +178,42 @@ def test_registry_attributes_and_get_metric():
         assert m.needs_clean == (name == "kl_div")
     assert get_metric("logit_diff") is logit_diff
     fn = lambda logits, data: logits[:, -1, 0]  # noqa: E731
-    assert get_metric(fn) is fn
+    checked = get_metric(fn)
+    logits = torch.randn(3, 4, 5)
+    assert torch.equal(checked(logits, None), fn(logits, None)) and get_metric(checked) is checked
+
+
+def test_metrics_you_write_must_give_one_value_per_prompt():
+    """A metric that reduces over the batch itself, or returns another shape, gets a clear error where it
+    is called (a sweep would otherwise give every prompt the batch's value); the metric's attributes and
+    prepare() pass through, and what prepare() returns is checked too."""
+    logits = torch.randn(3, 4, 5)
+    for bad, shape in ((lambda lg, d: lg[:, -1, 0].mean(), "a tensor of shape []"),
+                       (lambda lg, d: lg[:, -1, :1], "a tensor of shape [3, 1]"),
+                       (lambda lg, d: 1.0, "a float")):
+        with pytest.raises(ValueError, match=re.escape(f"returned {shape}; expected one value per prompt, shape [3]")):
+            get_metric(bad)(logits, None)
+
+    class Distance:  # a KL-like metric of your own: compares with the clean run
+        higher_is_better, needs_clean = False, True
+
+        def __init__(self, clean=None):
+            self.clean = clean
+
+        def prepare(self, clean):
+            return Distance(clean)
+
+        def __call__(self, lg, d):
+            return (lg[:, -1] - self.clean[:, -1]).norm(dim=-1).sum() if d == "sum" else \
+                (lg[:, -1] - self.clean[:, -1]).norm(dim=-1)
+
+    m = get_metric(Distance)  # a class: instantiated
+    assert m.__name__ == "Distance" and _resolve_metric(Distance())[1] == "Distance"
+    assert m.higher_is_better is False and m.needs_clean is True and m.clean is None
+    ready = m.prepare(logits)
+    assert ready.clean is logits and torch.equal(ready(logits, None), torch.zeros(3))
+    with pytest.raises(ValueError, match="The metric Distance returned a tensor of shape"):
+        ready(logits, "sum")
 
 
 def test_get_metric_unknown_name_suggests():

@@ -165,6 +165,21 @@ def test_custom_metric_uses_full_logits():
     assert r.metric == "my_metric"
 
 
+def test_metric_reducing_over_prompts_is_refused():
+    """A metric that returns the batch's mean would give every prompt that mean, silently: sweep and
+    attribution stop with the metric's name and the shape expected."""
+    model, graph, data, scores = setup()
+
+    def batch_mean(logits, d):
+        return logit_diff(logits, d).mean()
+
+    with pytest.raises(ValueError, match=r"The metric batch_mean returned a tensor of shape \[\]; expected one value "
+                                         r"per prompt"):
+        sweep(model, graph, scores, data, counts=[5], metric=batch_mean, progress=False)
+    with pytest.raises(ValueError, match="The metric batch_mean returned"):
+        ep.attribute(model, graph, data, metric=batch_mean, method="eap")
+
+
 def test_explicit_ablation_object_and_model_unchanged(fresh_model):
     graph = build_graph(fresh_model)
     data = induction(101, n=4, seq_len=4, seed=0)
