@@ -1160,6 +1160,12 @@ class _Engine:
             deferred = [(d, nd) for d, nd in self.deferred.get(layer, []) if bool((W[..., :nd, d] != 1).any())
                         and not self._mlp_skipped_everywhere(layer, d)]
         r = self.resid[layer]
+        if own and self.sparse and self.n_circuits > 1 and sel.numel():
+            zero_c = flat.eq(0).all(1) if self.cache is not None else torch.zeros_like(flat[:, 0], dtype=torch.bool)
+            mixed = flat.ne(1).any(1) & ~zero_c  # [C, heads]: what each circuit must mix
+            if int(mixed.sum()) < self.n_circuits * sel.numel():  # some circuit mixes fewer heads than all do
+                self.owned.add(layer)
+                return self._project_per_circuit(layer, groups, Wl, r, n, deferred, mixed, zero_c)
         out: dict[str, tuple[Tensor, Tensor, int]] = {}
         if cached.numel():
             self._cached_heads(layer, groups, cached, out)
@@ -1175,15 +1181,7 @@ class _Engine:
             extra = torch.tensor([d for d, _ in deferred], device=W.device)
             Wh = torch.cat([Wh, W[..., :n, :].index_select(-1, extra)], dim=-1)
         R = sel.numel()
-        spans = []  # (kind, h, rows lo:hi of the mixed inputs, which heads)
-        start = 0
-        for kind, idx, _ in groups:
-            h = len(idx)
-            lo = int(torch.searchsorted(sel, start))
-            hi = int(torch.searchsorted(sel, start + h))
-            if hi > lo:
-                spans.append((kind, h, lo, hi, sel[lo:hi] - start))
-            start += h
+        spans = self._spans(groups, sel)
         b, p, m = r.shape
         hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
         if self.sparse and b * p > _CHUNK_TOKENS:
@@ -1203,26 +1201,90 @@ class _Engine:
             self._join_heads(kind, h, heads, vals, bk, (b, p), out)
         return self._in_order(out) if layer in self.owned else out
 
+    @staticmethod
+    def _spans(groups: list[tuple[str, Tensor, int]], sel: Tensor) -> list[tuple[str, int, int, int, Tensor]]:
+        """For the mixed destinations ``sel`` (sorted, over the layer's q/k/v heads in ``groups`` order):
+        ``(kind, h, lo, hi, heads)`` per kind with some, ``sel[lo:hi]`` being that kind's ``heads``."""
+        spans = []
+        start = 0
+        for kind, idx, _ in groups:
+            h = len(idx)
+            lo = int(torch.searchsorted(sel, start))
+            hi = int(torch.searchsorted(sel, start + h))
+            if hi > lo:
+                spans.append((kind, h, lo, hi, sel[lo:hi] - start))
+            start += h
+        return spans
+
+    def _project_per_circuit(self, layer: int, groups: list[tuple[str, Tensor, int]], Wl: Tensor, r: Tensor, n: int,
+                             deferred: list[tuple[int, int]], mixed: Tensor,
+                             zero: Tensor) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """:meth:`_project_layer` for an owned layer with circuits folded into the batch (no gradient),
+        circuit by circuit: each mixes only the heads whose weights it patches (``mixed``, ``[C, heads]``);
+        its other heads take the clean projection (weights all 1) or the corrupted run's (all 0,
+        ``zero``). A sweep folds circuits of different sizes, where the union of what they patch mixes
+        ~1.7x the inputs they need (GPT-2 small, the benchmark's EAP sweep). The deferred MLP / logits
+        inputs are mixed with every circuit's heads, as in :meth:`_project_layer`."""
+        assert self.W is not None
+        b, p, m = r.shape
+        C = self.n_circuits
+        rows, per = b // C, b * p // C  # batch rows and tokens per circuit
+        extra = None
+        if deferred:
+            idx = torch.tensor([d for d, _ in deferred], device=self.W.device)
+            extra = self.W[:, :n, :].index_select(-1, idx)  # [C, n, len(deferred)]
+        parts = [r.new_empty(b, p, m) for _ in deferred]
+        pieces = []
+        for c in range(C):
+            rc = r[c * rows : (c + 1) * rows]
+            sel, cached = mixed[c].nonzero().flatten(), zero[c].nonzero().flatten()
+            out: dict[str, tuple[Tensor, Tensor, int]] = {}
+            if cached.numel():
+                self._cached_heads(layer, groups, cached, out, repeat=False)
+            self._clean_heads(layer, groups, torch.cat([sel, cached]), rc, out)
+            Wh = Wl[c].index_select(-1, sel)
+            if extra is not None:
+                Wh = torch.cat([Wh, extra[c]], dim=-1)
+            if Wh.shape[-1]:
+                spans = self._spans(groups, sel)
+                hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
+                projected = self._mix_project_chunked(layer, r, Wh, n, sel.numel(), spans, [W for W, _ in hw],
+                                                      deferred, tokens=(c * per, (c + 1) * per), parts=parts)
+                for (kind, h, _, _, heads), vals, (_, bk) in zip(spans, projected, hw):
+                    self._join_heads(kind, h, heads, vals, bk, (rows, p), out)
+            pieces.append(self._in_order(out))
+        for i, (d, _) in enumerate(deferred):
+            self.partials[d] = (parts[i], r, n)
+        return {kind: (torch.arange(h, device=r.device), torch.cat([o[kind][1] for o in pieces]), h)
+                for kind, (_, _, h) in pieces[0].items()}
+
     def _mix_project_chunked(self, layer: int, r: Tensor, Wh: Tensor, n: int, R: int,
                              spans: list[tuple[str, int, int, int, Tensor]], weights: list[Tensor],
-                             deferred: list[tuple[int, int]]) -> list[Tensor]:
+                             deferred: list[tuple[int, int]], tokens: tuple[int, int] | None = None,
+                             parts: list[Tensor] | None = None) -> list[Tensor]:
         """:meth:`_project_layer`'s mixing, normalization and projection (no gradient), token block by
         token block (at most ``_CHUNK_TOKENS``, within one circuit): the per-layer temporaries (the mixed
         inputs and their normalization, ``tokens x R x d_model``) then stay in the CPU caches and under the
         size the C allocator maps afresh for every allocation (page faults). GPT-2 small, batch 32 x 16,
         random weights: patched / plain forward 1.88 -> 1.49 (TransformerBridge), 1.75 -> 1.67
         (HookedTransformer); blocks of 64 tokens are slower again. Returns each span's projections
-        ``[R_k, b*p, d_head]`` (no bias) and records the deferred partial inputs."""
+        ``[R_k, b*p, d_head]`` (no bias) and records the deferred partial inputs.
+
+        ``tokens``: only the tokens ``t0:t1`` of the flattened batch x pos, all of one circuit, whose weights
+        ``Wh`` then are (``[n, R']``); their projections are returned and their deferred inputs written into
+        ``parts`` (recorded by the caller)."""
         assert self.proj is not None
         b, p, m = r.shape
         T = b * p
         per = T // max(self.n_circuits, 1)  # tokens per circuit
         flat_r = r.reshape(T, 1, m)
-        parts = [r.new_empty(b, p, m) for _ in deferred]
+        own_parts = parts is None
+        if parts is None:
+            parts = [r.new_empty(b, p, m) for _ in deferred]
         weights = [W.to(r.dtype) for W in weights]
         pieces: list[list[Tensor]] = [[] for _ in spans]
-        t0 = 0
-        while t0 < T:
+        t0, end = tokens if tokens is not None else (0, T)
+        while t0 < end:
             c, within = divmod(t0, per)
             t1 = min(t0 + _CHUNK_TOKENS, t0 - within + per)  # not past the circuit's last token
             y = self._mixed(flat_r[t0:t1], Wh[c] if Wh.ndim == 3 else Wh, n, tokens=(t0, t1))[:, 0]  # [t, R', m]
@@ -1233,8 +1295,9 @@ class _Engine:
                 for j, (_, _, lo, hi, _) in enumerate(spans):
                     pieces[j].append(torch.bmm(y[:, lo:hi].transpose(0, 1), weights[j]))  # [R_k, t, d_head]
             t0 = t1
-        for i, (d, _) in enumerate(deferred):
-            self.partials[d] = (parts[i], r, n)
+        if own_parts:
+            for i, (d, _) in enumerate(deferred):
+                self.partials[d] = (parts[i], r, n)
         return [torch.cat(pc, dim=1) if len(pc) > 1 else pc[0] for pc in pieces]
 
     def _project_heads(self, layer: int, kind: str, h: int, heads: Tensor, xs: Tensor, bp: tuple[int, int],
@@ -1295,8 +1358,9 @@ class _Engine:
         return out
 
     def _cached_heads(self, layer: int, groups: list[tuple[str, Tensor, int]], cols: Tensor,
-                      out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
-        """The corrupted run's projections of the fully ablated destinations ``cols``."""
+                      out: dict[str, tuple[Tensor, Tensor, int]], repeat: bool = True) -> None:
+        """The corrupted run's projections of the fully ablated destinations ``cols`` (repeated over the
+        circuits folded into the batch, unless ``repeat`` is False: for one circuit's rows)."""
         assert self.cache is not None
         start = 0
         for kind, idx, _ in groups:
@@ -1305,7 +1369,7 @@ class _Engine:
             start += h
             if heads.numel():
                 vals = self.cache[f"{layer}{kind}"].index_select(2, heads)  # [b, p, k, d]
-                if self.n_circuits > 1:
+                if self.n_circuits > 1 and repeat:
                     vals = vals.repeat(self.n_circuits, 1, 1, 1)
                 out[kind] = (heads, vals, h)
 

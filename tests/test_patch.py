@@ -918,6 +918,35 @@ def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
         assert (got - want).abs().max() <= ATOL
 
 
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_folded_circuits_mix_only_their_own_heads(case, monkeypatch):
+    """Circuits folded into the batch (a sweep's forward) differ: a head one circuit patches may be clean
+    or fully ablated in another. Without gradients, each circuit mixes and projects only the heads it
+    patches; its other heads take the clean projection or the corrupted run's. Against the reference, under
+    corrupted-run and mean ablation (no corrupted projections to take), for circuits from empty to
+    complete; the circuit-by-circuit path must have run where the engine computes the layer's heads."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=81), tokens(model, batch=3, pos=6, seed=82)
+    gen = torch.Generator().manual_seed(83)
+    sparse = (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.15).float()
+    few_ablated = 1 - (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.1).float()
+    Ws = torch.stack([torch.zeros(g.n_src, g.n_dest), sparse, few_ablated,
+                      torch.rand(g.n_src, g.n_dest, generator=gen), torch.ones(g.n_src, g.n_dest)])
+    calls = count_calls(monkeypatch, "_project_per_circuit")
+    corrupt_abl = ep.source_activations(model, g, corrupt)
+    mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=6, seed=84))
+    for abl in (corrupt_abl, mean_abl):
+        want = _reference_circuits(model, g, Ws, clean, corrupt if abl is corrupt_abl else abl)
+        for chunk in (128, 5):  # one block of tokens per circuit, and blocks within a circuit
+            monkeypatch.setattr(patching, "_CHUNK_TOKENS", chunk)
+            with ep.patch(model, g, Ws, abl), torch.no_grad():
+                got = model(clean.repeat(len(Ws), 1))
+            assert (got - want).abs().max() <= ATOL, (abl.kind, chunk)
+    proj = patching.projections_of(model)
+    assert bool(calls) == (proj is not None and bool(proj.input_hooks(0)))
+
+
 def _gemma2(model_class: str):
     """A tiny Gemma-2-shaped model (normalizations before and after attention and MLP), random weights with
     random normalization scales."""
