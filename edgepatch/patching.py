@@ -1164,7 +1164,7 @@ class _Engine:
             zero_c = flat.eq(0).all(1) if self.cache is not None else torch.zeros_like(flat[:, 0], dtype=torch.bool)
             mixed = flat.ne(1).any(1) & ~zero_c  # [C, heads]: what each circuit must mix
             # circuit by circuit costs more, smaller operations: only where it mixes a quarter less
-            # (ACDC's circuits differ in one edge each: there it mostly does not)
+            # (circuits that patch nearly the same heads, like ACDC's candidates once its circuit is sparse, do not)
             if 4 * int(mixed.sum()) <= 3 * self.n_circuits * sel.numel():
                 self.owned.add(layer)
                 return self._project_per_circuit(layer, groups, Wl, r, n, deferred, mixed, zero_c)
