@@ -381,10 +381,11 @@ class CheckedMetric:
         rows = logits.shape[0] if isinstance(logits, Tensor) and logits.ndim >= 1 else None
         if not isinstance(out, Tensor) or (rows is not None and tuple(out.shape) != (rows,)):
             got = f"a tensor of shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+            given = f"logits of shape {list(logits.shape)}" if rows is not None else f"logits {type(logits).__name__}"
             raise ValueError(
-                f"The metric {self.__name__} returned {got}; expected one value per prompt, shape [{rows}] for logits of "
-                f"shape {list(logits.shape)}. A metric is (logits [batch, pos, d_vocab], data) -> [batch]: leave "
-                f"the reduction over prompts to edgepatch (drop a final .mean() or .sum())."
+                f"The metric {self.__name__} returned {got}; expected one value per prompt, shape [{rows}] for "
+                f"{given}. A metric is (logits [batch, pos, d_vocab], data) -> [batch]: leave the reduction over "
+                f"prompts to edgepatch (drop a final .mean() or .sum())."
             )
         return out
 
