@@ -926,11 +926,9 @@ class _Engine:
         W = self.W
         if self.sparse and W is not None and layer in self.mlp_dest:
             d, n = self.mlp_dest[layer]
-            src = self.g.mlp_src_index(layer)
-            Wc = W if W.ndim == 3 else W.unsqueeze(0)
-            reads = self.g.valid[src].to(W.device)
-            silent = (Wc[:, src][:, reads] == 0).all(-1)  # no destination reads the output
+            silent = self._unread(W, self.g.mlp_src_index(layer))  # no destination reads the output
             if self.abl_kind == "corrupt":
+                Wc = W if W.ndim == 3 else W.unsqueeze(0)
                 silent |= (Wc[:, :n, d] == 0).all(-1)  # the corrupted-run input: the corrupted output
             skip = silent if bool(silent.any()) and self._mlp_alone(layer) else None
         self.mlp_skip[layer] = skip
@@ -1059,11 +1057,14 @@ class _Engine:
         W = self.W
         if W is None or not self.heads_add_up:
             return None
-        sl = self.g.head_src_slice(layer)
-        Wc = W if W.ndim == 3 else W.unsqueeze(0)
-        valid = self.g.valid[sl].to(W.device)  # [H, n_dest]
-        silent = ((Wc[:, sl] == 0) | ~valid).all(-1).all(0)  # [H]
+        silent = self._unread(W, self.g.head_src_slice(layer)).all(0)  # [H]
         return silent.nonzero().flatten() if bool(silent.any()) else None
+
+    def _unread(self, W: Tensor, src: int | slice) -> Tensor:
+        """Per circuit (``[circuits]``, or ``[circuits, sources]`` for a slice), whether no destination
+        reads the sources ``src``: every outgoing weight 0."""
+        Wc = W if W.ndim == 3 else W.unsqueeze(0)
+        return ((Wc[:, src] == 0) | ~self.g.valid[src].to(W.device)).all(-1)
 
     def _some_head_outputs(self, layer: int, z: Tensor, W_O: Tensor, silent: Tensor, out: Tensor | None) -> Tensor:
         """:func:`head_outputs` with the ``silent`` heads' outputs replaced by their ablated values (any
@@ -1146,28 +1147,32 @@ class _Engine:
         cols = cols.to(W.device)
         Wl = W[..., :n, :][..., cols]  # [n, R] / [C, n, R] / [slots, n, R]
         flat = Wl.reshape(-1, n, len(cols))
+        mixed = zero_c = None  # per circuit (no gradient): the heads to mix, those fully ablated
         if W.requires_grad:
             sel = torch.arange(len(cols), device=W.device)  # the gradient at w = 1 is not zero
             cached = sel[:0]
         else:
-            need = flat.ne(1).any(1).any(0)
-            # every edge ablated (in every circuit): the input is the corrupted run's, so is the projection
-            zero = flat.eq(0).all(1).all(0) if self.cache is not None else torch.zeros_like(need)
-            sel = (need & ~zero).nonzero().flatten()
+            need_c = flat.ne(1).any(1)  # [circuits, heads]
+            # every edge ablated: the input is the corrupted run's, so is the projection
+            zero_c = flat.eq(0).all(1) if self.cache is not None else torch.zeros_like(need_c)
+            mixed = need_c & ~zero_c
+            zero = zero_c.all(0)  # in every circuit
+            sel = (need_c.any(0) & ~zero).nonzero().flatten()
             cached = zero.nonzero().flatten()
         deferred = []
+        Wd = None  # the deferred destinations' weights
         if self.sparse:
             deferred = [(d, nd) for d, nd in self.deferred.get(layer, []) if bool((W[..., :nd, d] != 1).any())
                         and not self._mlp_skipped_everywhere(layer, d)]
+            if deferred:
+                Wd = W[..., :n, :].index_select(-1, torch.tensor([d for d, _ in deferred], device=W.device))
         r = self.resid[layer]
-        if own and self.sparse and self.n_circuits > 1 and sel.numel():
-            zero_c = flat.eq(0).all(1) if self.cache is not None else torch.zeros_like(flat[:, 0], dtype=torch.bool)
-            mixed = flat.ne(1).any(1) & ~zero_c  # [C, heads]: what each circuit must mix
+        if own and self.sparse and self.n_circuits > 1 and sel.numel() and mixed is not None:
             # circuit by circuit costs more, smaller operations: only where it mixes a quarter less
             # (circuits that patch nearly the same heads, like ACDC's candidates once its circuit is sparse, do not)
             if 4 * int(mixed.sum()) <= 3 * self.n_circuits * sel.numel():
                 self.owned.add(layer)
-                return self._project_per_circuit(layer, groups, Wl, r, n, deferred, mixed, zero_c)
+                return self._project_per_circuit(layer, groups, Wl, r, n, deferred, Wd, mixed, zero_c)
         out: dict[str, tuple[Tensor, Tensor, int]] = {}
         if cached.numel():
             self._cached_heads(layer, groups, cached, out)
@@ -1179,9 +1184,8 @@ class _Engine:
         if sel.numel() == 0 and not deferred:
             return self._in_order(out) if layer in self.owned else out
         Wh = Wl.index_select(-1, sel)
-        if deferred:
-            extra = torch.tensor([d for d, _ in deferred], device=W.device)
-            Wh = torch.cat([Wh, W[..., :n, :].index_select(-1, extra)], dim=-1)
+        if Wd is not None:
+            Wh = torch.cat([Wh, Wd], dim=-1)
         R = sel.numel()
         spans = self._spans(groups, sel)
         b, p, m = r.shape
@@ -1219,22 +1223,18 @@ class _Engine:
         return spans
 
     def _project_per_circuit(self, layer: int, groups: list[tuple[str, Tensor, int]], Wl: Tensor, r: Tensor, n: int,
-                             deferred: list[tuple[int, int]], mixed: Tensor,
+                             deferred: list[tuple[int, int]], Wd: Tensor | None, mixed: Tensor,
                              zero: Tensor) -> dict[str, tuple[Tensor, Tensor, int]]:
         """:meth:`_project_layer` for an owned layer with circuits folded into the batch (no gradient),
         circuit by circuit: each mixes only the heads whose weights it patches (``mixed``, ``[C, heads]``);
         its other heads take the clean projection (weights all 1) or the corrupted run's (all 0,
         ``zero``). A sweep folds circuits of different sizes, where the union of what they patch mixes
         ~1.7x the inputs they need (GPT-2 small, the benchmark's EAP sweep). The deferred MLP / logits
-        inputs are mixed with every circuit's heads, as in :meth:`_project_layer`."""
-        assert self.W is not None
+        inputs (weights ``Wd``, ``[C, n, len(deferred)]``) are mixed with every circuit's heads, as in
+        :meth:`_project_layer`."""
         b, p, m = r.shape
         C = self.n_circuits
         rows, per = b // C, b * p // C  # batch rows and tokens per circuit
-        extra = None
-        if deferred:
-            idx = torch.tensor([d for d, _ in deferred], device=self.W.device)
-            extra = self.W[:, :n, :].index_select(-1, idx)  # [C, n, len(deferred)]
         parts = [r.new_empty(b, p, m) for _ in deferred]
         pieces = []
         for c in range(C):
@@ -1245,8 +1245,8 @@ class _Engine:
                 self._cached_heads(layer, groups, cached, out, repeat=False)
             self._clean_heads(layer, groups, torch.cat([sel, cached]), rc, out)
             Wh = Wl[c].index_select(-1, sel)
-            if extra is not None:
-                Wh = torch.cat([Wh, extra[c]], dim=-1)
+            if Wd is not None:
+                Wh = torch.cat([Wh, Wd[c]], dim=-1)
             if Wh.shape[-1]:
                 spans = self._spans(groups, sel)
                 hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
