@@ -346,9 +346,14 @@ def get_metric(name_or_callable: Union[str, Callable]) -> Callable:
 
 def _checked(metric: Callable) -> Callable:
     """``metric`` as is when built in (or a ``KLDivergence``), else a :class:`CheckedMetric` around it."""
-    if isinstance(metric, (CheckedMetric, KLDivergence)) or any(metric is m for m in METRICS.values()):
+    if isinstance(metric, (CheckedMetric, KLDivergence)) or _registered(metric):
         return metric
     return CheckedMetric(metric)
+
+
+def _registered(metric: Callable) -> bool:
+    """Whether ``metric`` is one of :data:`METRICS` (the built-in metrics and those registered)."""
+    return any(metric is m for m in METRICS.values())
 
 
 class CheckedMetric:
@@ -439,7 +444,7 @@ def reads_answer_only(metric: Callable) -> bool:
     """Whether ``metric`` (resolved) is a built-in one, which reads the logits at ``answer_pos`` only."""
     if isinstance(metric, KLDivergence):
         return type(metric) is KLDivergence
-    return any(metric is m for m in METRICS.values())
+    return _registered(metric)
 
 
 def answer_view(data: PromptPairs) -> PromptPairs:
