@@ -59,10 +59,9 @@ from torch import Tensor
 
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
-from edgepatch.graph import Graph
+from edgepatch.graph import Graph, dest_groups, is_post_norm
 from edgepatch.masks import frozen
 from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only
-from edgepatch.graph import dest_groups
 from edgepatch.patching import (
     _PROJECTION_FLAGS,
     Ablation,
@@ -205,6 +204,8 @@ def _norm_fn(model: Any, proj: Projections | None, layer: int) -> Callable[[Tens
     point of the model fires); the module itself where edgepatch does not know its form."""
     if proj is not None:
         return lambda x: proj.norm(layer, x)
+    if is_post_norm(model):  # OLMo 2/3: attention reads the residual stream itself (ln1 follows it)
+        return lambda x: x
     ln = model.blocks[layer].ln1
     inner = getattr(ln, "original_component", None)  # TransformerBridge: the HF norm module itself
     return inner if inner is not None else ln

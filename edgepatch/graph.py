@@ -96,6 +96,17 @@ def model_spec(model: object) -> ModelSpec:
     if n_heads % int(n_kv):
         raise EdgepatchError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}; unsupported model.")
     name = getattr(cfg, "model_name", None) or type(model).__name__
+    blocks = getattr(model, "blocks", None)
+    scaled = [getattr(blocks[0], "residual_contribution_scale")] if blocks is not None and len(blocks) \
+        and hasattr(blocks[0], "residual_contribution_scale") else []
+    if scaled:
+        raise EdgepatchError(
+            f"{name}'s blocks are TransformerBridge's {type(model.blocks[0]).__name__} (Granite family: each attention "
+            f"and MLP output is multiplied by residual_multiplier={scaled[0]:g} before the residual stream adds it). "
+            "edgepatch does not support these blocks yet (its sources are the terms the residual stream adds up, "
+            "and these blocks show their MLP outputs only to hooks added through TransformerLens), so it stops "
+            "here rather than return wrong results. Use another model, or open an issue for this architecture."
+        )
     return ModelSpec(
         name=str(name),
         n_layers=int(cfg.n_layers),
@@ -324,7 +335,20 @@ def is_post_norm(model: object) -> bool:
         from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
     except ImportError:  # older TransformerLens: no post-norm architectures
         return False
-    return getattr(getattr(model, "cfg", None), "original_architecture", None) in POST_NORM_ARCHITECTURES
+    return bool(_architectures(model) & set(POST_NORM_ARCHITECTURES))
+
+
+def _architectures(model: object) -> set[str]:
+    """The HuggingFace architecture names the model says it has: a HookedTransformer's config has
+    ``original_architecture``; a TransformerBridge's has ``architecture`` (``original_architecture`` is None
+    when it was built from a HuggingFace model object), and its wrapped model says it too."""
+    cfg = getattr(model, "cfg", None)
+    names = {getattr(cfg, "original_architecture", None), getattr(cfg, "architecture", None)}
+    hf = getattr(model, "original_model", None)
+    if hf is not None:
+        names.add(type(hf).__name__)
+        names.update(getattr(getattr(hf, "config", None), "architectures", None) or ())
+    return {n for n in names if isinstance(n, str)}
 
 
 def normalizes_attention_output(model: object) -> bool:
