@@ -291,7 +291,17 @@ def _slot(model: Any) -> _ModelSlot:
 def _set_flag(model: Any, flag: str, value: bool) -> None:
     setter = getattr(model, f"set_{flag}", None)
     if setter is not None:
-        setter(value)
+        try:
+            setter(value)
+        except NotImplementedError as err:  # TransformerBridge: an attention it cannot split per head
+            attn = type(model.blocks[0].attn).__name__ if getattr(model, "blocks", None) else "?"
+            raise EdgepatchError(
+                f"edgepatch cannot give each head of {getattr(model.cfg, 'model_name', type(model).__name__)} its own "
+                f"q/k/v input: TransformerBridge cannot split this model's attention ({attn}) into per-head inputs "
+                f"(set_{flag} says: {err}), and edgepatch's own per-head projections do not cover this architecture. "
+                "Patching edges into this model's attention heads is not supported yet: open an issue for this "
+                "architecture."
+            ) from err
     elif hasattr(model.cfg, flag):
         setattr(model.cfg, flag, value)
 
@@ -302,7 +312,8 @@ def engine_flags(model: Any, want: dict[str, bool] | None = None) -> Iterator[No
     on, ``use_attn_in`` off, which excludes split inputs) and restore them on exit. Levels nest like a
     stack: each restores exactly what it changed."""
     slot = _slot(model)
-    want = dict(_FLAGS) if want is None else want
+    if want is None:  # split inputs only where the engine cannot recompute patched heads at the projections
+        want = dict(_FLAGS) if projections_of(model) is None else dict(_PROJECTION_FLAGS)
     attn_only = bool(getattr(model.cfg, "attn_only", False))
     if slot.depth == 0:
         slot.saved_bridge = _bridge_capture_state(model)
@@ -370,12 +381,37 @@ def _hook_point(model: Any, name: str) -> Any:
     return hp
 
 
+# Hook points that carry the residual stream's shape ([batch, pos, d_model]) to TransformerLens's hooks
+_RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_in", "hook_mlp_out")
+
+
+def _register(model: Any, name: str, fn: Callable) -> Any:
+    """``fn`` as a forward hook of hook point ``name``; returns the handle.
+
+    The engine's hooks are plain PyTorch forward hooks (TransformerLens's ``add_hook`` wrapper costs Python
+    time on every call), so they see a TransformerBridge hook point's raw tensor, not the one its
+    ``hook_conversion`` shows TransformerLens hooks. The attention hooks handle the raw layouts; at the
+    residual-stream hook points a conversion restores ``[batch, pos, d_model]`` where the model flattens
+    tokens (OPT runs its MLP on ``[batch * pos, d_model]``), so the engine applies it there as
+    TransformerLens would, and reverts what the hook returns."""
+    hp = _hook_point(model, name)
+    conv = getattr(hp, "hook_conversion", None)
+    if conv is not None and name.rsplit(".", 1)[-1] in _RESIDUAL_HOOKS:
+        inner = fn
+
+        def fn(module: Any, inp: Any, out: Any) -> Any:
+            res = inner(module, inp, conv.convert(out))
+            return None if res is None else conv.revert(res)
+
+    return hp.register_forward_hook(fn)
+
+
 @contextlib.contextmanager
 def _hooks_installed(model: Any, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
     handles = []
     try:
         for name, fn in hooks:
-            handles.append(_hook_point(model, name).register_forward_hook(fn))
+            handles.append(_register(model, name, fn))
         yield
     finally:
         for h in handles:
@@ -738,7 +774,7 @@ class _Engine:
         if self.hook_specs is None:
             self.hook_specs = self.hook_list()
         for name, fn in self.hook_specs:
-            self.handles.append(_hook_point(self.model, name).register_forward_hook(fn))
+            self.handles.append(_register(self.model, name, fn))
 
     def remove(self) -> None:
         for h in self.handles:
