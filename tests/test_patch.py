@@ -92,11 +92,34 @@ def reference_patched(model, graph, W, clean, corrupt):
         return f"a{layer}.kv{j}<{kind}>" if split else f"a{layer}.kv{j}"
 
     hooks = [("blocks.0.hook_resid_pre", lambda x, hook: cur.__setitem__("input", x))]
+    split_inputs = _splits_qkv_inputs(model)
+    busy = []  # per-head projections below run the model's own modules, whose hooks must not recurse
     for layer in range(model.cfg.n_layers):
         for kind in "qkv":
-            def qkv_hook(x, hook, layer=layer, kind=kind):
-                return torch.stack([fix(x[:, :, j], dest_name(layer, kind, j)) for j in range(x.shape[2])], dim=2)
-            hooks.append((f"blocks.{layer}.hook_{kind}_input", qkv_hook))
+            if split_inputs:
+                def qkv_hook(x, hook, layer=layer, kind=kind):
+                    return torch.stack([fix(x[:, :, j], dest_name(layer, kind, j)) for j in range(x.shape[2])], dim=2)
+                hooks.append((f"blocks.{layer}.hook_{kind}_input", qkv_hook))
+                continue
+
+            def proj_hook(y, hook, layer=layer, kind=kind):
+                # TransformerLens cannot give this attention per-head inputs: project each head's own
+                # patched input with the block's normalization and projection module, keep that head
+                if busy:
+                    return None
+                block = model.blocks[layer]
+                heads = []
+                busy.append(1)
+                try:
+                    for j in range(y.shape[2]):
+                        full = getattr(block.attn, kind)(block.ln1(fix(cur[f"r{layer}"], dest_name(layer, kind, j))))
+                        heads.append(full.reshape(*y.shape)[:, :, j])
+                finally:
+                    busy.pop()
+                return torch.stack(heads, dim=2)
+            hooks.append((f"blocks.{layer}.attn.hook_{kind}", proj_hook))
+        if not split_inputs:
+            hooks.append((f"blocks.{layer}.hook_resid_pre", lambda x, hook, layer=layer: cur.__setitem__(f"r{layer}", x)))
         hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: cur.update(head_out(model, layer, z))))
         if not getattr(model.cfg, "attn_only", False):
             hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fix(x, f"m{layer}")))
@@ -104,7 +127,8 @@ def reference_patched(model, graph, W, clean, corrupt):
     last = model.cfg.n_layers - 1
     hooks.append((f"blocks.{last}.hook_resid_post", lambda x, hook: fix(x, "logits")))
     saved = (model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in)
-    model.set_use_split_qkv_input(True)
+    if split_inputs:
+        model.set_use_split_qkv_input(True)
     if not getattr(model.cfg, "attn_only", False):
         model.set_use_hook_mlp_in(True)
     try:
@@ -114,6 +138,18 @@ def reference_patched(model, graph, W, clean, corrupt):
         model.set_use_split_qkv_input(saved[0])
         if not getattr(model.cfg, "attn_only", False):
             model.set_use_hook_mlp_in(saved[1])
+
+
+def _splits_qkv_inputs(model) -> bool:
+    """Whether TransformerLens can give every head its own q/k/v input (``hook_q_input``): not for a
+    TransformerBridge attention that runs HuggingFace's projections on one shared input (GPT-J, OPT)."""
+    if not hasattr(model, "original_model"):
+        return True
+    try:
+        model._validate_attention_fork_supported("use_split_qkv_input")
+    except NotImplementedError:
+        return False
+    return True
 
 
 def count_calls(monkeypatch, name: str) -> list:
@@ -1105,3 +1141,138 @@ def test_heads_nobody_reads_are_not_computed(case, monkeypatch):
                     assert len(calls) == (1 if watch else 2), (abl.kind, watch)  # layers 0 and 1; 1 watched
                 if watch:
                     assert seen and seen[0][0] == toks.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# HuggingFace architectures through TransformerBridge
+# ---------------------------------------------------------------------------------------------------
+# (hub name the bridge maps to an adapter, config class, model class, config fields beyond the shared ones)
+_HF_ARCHITECTURES = {
+    "qwen2": ("Qwen/Qwen2-0.5B", "Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen/Qwen3-0.6B", "Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "phi3": ("microsoft/Phi-3-mini-4k-instruct", "Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4, pad_token_id=0)),
+    "phi": ("microsoft/phi-2", "PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "gptj": ("EleutherAI/gpt-j-6b", "GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "opt": ("facebook/opt-125m", "OPTConfig", "OPTForCausalLM", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    "bloom": ("bigscience/bloom-560m", "BloomConfig", "BloomForCausalLM", dict(n_layer=2, n_head=4)),
+    "stablelm": ("stabilityai/stablelm-2-1_6b", "StableLmConfig", "StableLmForCausalLM", dict(num_key_value_heads=4)),
+    "olmo": ("allenai/OLMo-1B-hf", "OlmoConfig", "OlmoForCausalLM", dict(num_key_value_heads=4)),
+    "olmo2": ("allenai/OLMo-2-0425-1B", "Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=4)),
+    "gemma": ("google/gemma-2b", "GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=8)),
+    "gemma3": ("google/gemma-3-1b-pt", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=1, head_dim=8, sliding_window=8)),
+    "falcon": ("tiiuae/falcon-7b", "FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)),
+    "gpt_bigcode": ("bigcode/gpt_bigcode-santacoder", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True)),
+    "cohere": ("CohereForAI/c4ai-command-r-v01", "CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, logit_scale=1.0)),
+    "granite": ("ibm-granite/granite-3.0-2b-base", "GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2, residual_multiplier=0.22)),
+}
+
+
+def _hf_bridge(arch: str):
+    """A tiny random-weight HuggingFace model of ``arch`` (2 layers, 4 heads, d_model 32) in a TransformerBridge,
+    with random normalization scales."""
+    import warnings
+
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from edgepatch.tokenizers import gpt2_tokenizer
+
+    name, config_class, model_class, extra = _HF_ARCHITECTURES[arch]
+    cfg = getattr(transformers, config_class)(**{**dict(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         max_position_embeddings=64), **extra})
+    cfg.architectures = [model_class]  # as in a hub config: the bridge picks its adapter by it
+    torch.manual_seed(11)
+    hf_model = getattr(transformers, model_class)(cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=gpt2_tokenizer())
+    spread_norms(model, 5)
+    return model
+
+
+@pytest.mark.parametrize("arch", [a for a in _HF_ARCHITECTURES if a != "granite"])
+def test_huggingface_architectures_through_the_bridge(arch):
+    """Across the architectures TransformerBridge wraps: per-head q/k norms (Qwen 3, OLMo 2 over all heads),
+    fused q/k/v (Phi-3, Bloom, Falcon), parallel attention and MLP (GPT-J, Phi, Falcon, Cohere), ALiBi
+    (Bloom), multi-query attention (Falcon, GPT-BigCode), post-norm blocks (OLMo 2, whose
+    ``original_architecture`` is None when the bridge wraps a model object), MLPs run on flattened tokens
+    (OPT), attention that TransformerLens cannot split per head (GPT-J, OPT: the reference then projects each
+    head's own input): all weights 1 give the plain forward, all 0 the corrupted one, random weights the
+    reference, with and without gradients."""
+    import warnings
+
+    model = _hf_bridge(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OLMo 2: heads are taken before its output normalization
+        g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=81), tokens(model, batch=3, pos=6, seed=82)
+    abl = ep.source_activations(model, g, corrupt)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(83))
+    want = reference_patched(model, g, W, clean, corrupt)
+    before = model_snapshot(model)
+    with torch.no_grad():
+        plain, corrupted = model(clean), model(corrupt)
+        assert (want - plain).abs().max() > 100 * ATOL  # the weights matter
+        for weights, expected in ((torch.ones_like(W), plain), (torch.zeros_like(W), corrupted), (W, want)):
+            with ep.patch(model, g, weights, abl):
+                assert (model(clean) - expected).abs().max() <= ATOL
+    Wg = W.clone().requires_grad_()
+    with ep.patch(model, g, Wg, abl):
+        got = model(clean)
+    assert (got - want).abs().max() <= ATOL
+    got.sum().backward()
+    assert Wg.grad is not None and bool(Wg.grad[g.valid].ne(0).any())
+    assert_unchanged(model, before)
+
+
+def test_residual_multiplier_blocks_are_refused():
+    """Granite-family blocks scale each sublayer's output before the residual stream adds it; edgepatch
+    stops with a clear error instead of patching with the wrong sources."""
+    model = _hf_bridge("granite")
+    with pytest.raises(EdgepatchError, match=r"residual_multiplier=0\.22.*does not support these blocks yet"):
+        ep.build_graph(model)
+
+
+def test_attention_that_cannot_be_split_per_head_gets_a_clear_error(monkeypatch):
+    """An architecture whose heads edgepatch cannot project itself falls back to TransformerLens's split
+    q/k/v inputs; where TransformerBridge cannot split that attention either (GPT-J's, here with the
+    projections made unavailable), the user gets edgepatch's error, not TransformerLens's, and the model is
+    left as it was."""
+    model = _hf_bridge("gptj")
+    g = ep.build_graph(model)
+    abl = ep.source_activations(model, g, tokens(model, seed=91))
+    before = model_snapshot(model)
+    monkeypatch.setattr(patching, "projections_of", lambda model: None)
+    with pytest.raises(EdgepatchError, match=r"cannot give each head of .* its own q/k/v input.*AttentionBridge"):
+        with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
+            model(tokens(model, seed=92))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("arch", [
+    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="known bug: EAP's scores into Bloom's value inputs "
+                                            "differ from autograd (~1% of the largest score); not yet found"))
+    if a == "bloom" else a
+    for a in _HF_ARCHITECTURES if a != "granite"])
+def test_eap_equals_autograd_across_architectures(arch):
+    """DESIGN.md §3.5 across the bridge's architectures: EAP scores are ``-dMetric/dw`` at ``w = 1``, the
+    gradient through ``patch``, also where TransformerLens cannot split the attention per head (GPT-J, OPT:
+    ACDC and the other methods must not ask it to) and for post-norm blocks (OLMo 2)."""
+    import warnings
+
+    model = _hf_bridge(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=4, pos=6, seed=93), tokens(model, batch=4, pos=6, seed=94)
+    gen = torch.Generator().manual_seed(95)
+    data = ep.PromptPairs.from_tokens(clean, corrupt, torch.randint(0, 101, (4, 1), generator=gen),
+                                      torch.randint(0, 101, (4, 1), generator=gen))
+    scores = ep.attribute(model, g, data, metric="logit_diff", method="eap", progress=False).scores
+    W = torch.ones(g.n_src, g.n_dest, requires_grad=True)
+    with ep.patch(model, g, W, ep.source_activations(model, g, corrupt)):
+        ep.get_metric("logit_diff")(model(clean), data).mean().backward()
+    want = -W.grad[g.valid]
+    assert (scores[g.valid] - want).abs().max() <= 1e-4 * want.abs().max()
+    ep.acdc(model, g, data, metric="logit_diff", threshold=0.01, progress=False)  # runs (no split inputs asked)
