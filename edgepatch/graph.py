@@ -97,12 +97,12 @@ def model_spec(model: object) -> ModelSpec:
         raise EdgepatchError(f"n_heads={n_heads} is not a multiple of n_key_value_heads={n_kv}; unsupported model.")
     name = getattr(cfg, "model_name", None) or type(model).__name__
     blocks = getattr(model, "blocks", None)
-    scaled = [getattr(blocks[0], "residual_contribution_scale")] if blocks is not None and len(blocks) \
-        and hasattr(blocks[0], "residual_contribution_scale") else []
-    if scaled:
+    first = blocks[0] if blocks is not None and len(blocks) else None
+    if hasattr(first, "residual_contribution_scale"):  # checked on one block: cheap on every patch()
         raise EdgepatchError(
-            f"{name}'s blocks are TransformerBridge's {type(model.blocks[0]).__name__} (Granite family: each attention "
-            f"and MLP output is multiplied by residual_multiplier={scaled[0]:g} before the residual stream adds it). "
+            f"{name}'s blocks are TransformerBridge's {type(first).__name__} (Granite family: each attention and MLP "
+            f"output is multiplied by residual_multiplier={first.residual_contribution_scale:g} before the residual "
+            "stream adds it). "
             "edgepatch does not support these blocks yet (its sources are the terms the residual stream adds up, "
             "and these blocks show their MLP outputs only to hooks added through TransformerLens), so it stops "
             "here rather than return wrong results. Use another model, or open an issue for this architecture."

@@ -308,9 +308,10 @@ def _set_flag(model: Any, flag: str, value: bool) -> None:
 
 @contextlib.contextmanager
 def engine_flags(model: Any, want: dict[str, bool] | None = None) -> Iterator[None]:
-    """Set the TransformerLens flags the engine reads (default: split q/k/v inputs and ``hook_mlp_in``
-    on, ``use_attn_in`` off, which excludes split inputs) and restore them on exit. Levels nest like a
-    stack: each restores exactly what it changed."""
+    """Set the TransformerLens flags the engine reads and restore them on exit. Default: ``hook_mlp_in``
+    on, ``use_attn_in`` off, and split q/k/v inputs on only where the engine cannot recompute patched heads
+    at the projections itself (:func:`projections_of`; TransformerBridge cannot split every attention).
+    Levels nest like a stack: each restores exactly what it changed."""
     slot = _slot(model)
     if want is None:  # split inputs only where the engine cannot recompute patched heads at the projections
         want = dict(_FLAGS) if projections_of(model) is None else dict(_PROJECTION_FLAGS)
@@ -396,14 +397,14 @@ def _register(model: Any, name: str, fn: Callable) -> Any:
     TransformerLens would, and reverts what the hook returns."""
     hp = _hook_point(model, name)
     conv = getattr(hp, "hook_conversion", None)
-    if conv is not None and name.rsplit(".", 1)[-1] in _RESIDUAL_HOOKS:
-        inner = fn
+    if conv is None or name.rsplit(".", 1)[-1] not in _RESIDUAL_HOOKS:
+        return hp.register_forward_hook(fn)
 
-        def fn(module: Any, inp: Any, out: Any) -> Any:
-            res = inner(module, inp, conv.convert(out))
-            return None if res is None else conv.revert(res)
+    def converted(module: Any, inp: Any, out: Any) -> Any:
+        res = fn(module, inp, conv.convert(out))
+        return None if res is None else conv.revert(res)
 
-    return hp.register_forward_hook(fn)
+    return hp.register_forward_hook(converted)
 
 
 @contextlib.contextmanager
