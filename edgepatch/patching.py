@@ -1775,7 +1775,7 @@ def patch(
     else:
         engine = _Engine(model, graph, weight_fn, ablated, slots, proj)
 
-    flags = None
+    flags = dict(_FLAGS)
     if proj is not None or (fixed_weights is not None and not fixed_weights.requires_grad
                             and not _attention_patched(graph, fixed_weights)):
         # Patched heads' q/k/v are recomputed at the projections (or no attention input is patched):
