@@ -143,10 +143,11 @@ def reference_patched(model, graph, W, clean, corrupt):
 def _splits_qkv_inputs(model) -> bool:
     """Whether TransformerLens can give every head its own q/k/v input (``hook_q_input``): not for a
     TransformerBridge attention that runs HuggingFace's projections on one shared input (GPT-J, OPT)."""
-    if not hasattr(model, "original_model"):
+    validate = getattr(model, "_validate_attention_fork_supported", None)  # TransformerBridge 3.9+
+    if validate is None:
         return True
     try:
-        model._validate_attention_fork_supported("use_split_qkv_input")
+        validate("use_split_qkv_input")
     except NotImplementedError:
         return False
     return True
@@ -983,11 +984,23 @@ def test_folded_circuits_mix_only_their_own_heads(case, monkeypatch):
     assert bool(calls) == (proj is not None and bool(proj.input_hooks(0)))
 
 
+def _bridge_of(name: str, hf_model):
+    """``hf_model`` (a HuggingFace causal LM) in a TransformerBridge with the adapter of hub model ``name``,
+    GPT-2's offline tokenizer, the bridge's set-up warnings silenced."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from edgepatch.tokenizers import gpt2_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=gpt2_tokenizer())
+
+
 def _gemma2(model_class: str):
     """A tiny Gemma-2-shaped model (normalizations before and after attention and MLP), random weights with
     random normalization scales."""
-    import warnings
-
     if model_class == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -998,19 +1011,12 @@ def _gemma2(model_class: str):
         model = HookedTransformer(cfg).eval()
     else:
         import transformers
-        from transformer_lens.model_bridge import TransformerBridge
-
-        from edgepatch.tokenizers import gpt2_tokenizer
 
         torch.manual_seed(3)
         cfg = transformers.Gemma2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                         max_position_embeddings=16, sliding_window=8)
-        hf_model = transformers.Gemma2ForCausalLM(cfg).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = TransformerBridge.boot_transformers("google/gemma-2-2b", hf_model=hf_model,
-                                                        tokenizer=gpt2_tokenizer())
+        model = _bridge_of("google/gemma-2-2b", transformers.Gemma2ForCausalLM(cfg).eval())
     assert spread_norms(model, 5) > 0
     return model
 
@@ -1030,19 +1036,12 @@ def _mixture_of_experts(model_class: str):
             warnings.simplefilter("ignore", DeprecationWarning)
             return HookedTransformer(cfg).eval()
     import transformers
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from edgepatch.tokenizers import gpt2_tokenizer
 
     torch.manual_seed(3)
     cfg = transformers.MixtralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                      max_position_embeddings=16, num_local_experts=4, num_experts_per_tok=2)
-    hf_model = transformers.MixtralForCausalLM(cfg).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers("mistralai/Mixtral-8x7B-v0.1", hf_model=hf_model,
-                                                   tokenizer=gpt2_tokenizer())
+    return _bridge_of("mistralai/Mixtral-8x7B-v0.1", transformers.MixtralForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
@@ -1170,12 +1169,7 @@ _HF_ARCHITECTURES = {
 def _hf_bridge(arch: str):
     """A tiny random-weight HuggingFace model of ``arch`` (2 layers, 4 heads, d_model 32) in a TransformerBridge,
     with random normalization scales."""
-    import warnings
-
     import transformers
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from edgepatch.tokenizers import gpt2_tokenizer
 
     name, config_class, model_class, extra = _HF_ARCHITECTURES[arch]
     cfg = getattr(transformers, config_class)(**{**dict(vocab_size=101, hidden_size=32, intermediate_size=64,
@@ -1183,10 +1177,7 @@ def _hf_bridge(arch: str):
                                                          max_position_embeddings=64), **extra})
     cfg.architectures = [model_class]  # as in a hub config: the bridge picks its adapter by it
     torch.manual_seed(11)
-    hf_model = getattr(transformers, model_class)(cfg).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=gpt2_tokenizer())
+    model = _bridge_of(name, getattr(transformers, model_class)(cfg).eval())
     spread_norms(model, 5)
     return model
 
