@@ -273,6 +273,7 @@ class _ModelSlot:
         # The largest CPU scratch buffers (differences, head outputs) of earlier forwards without
         # gradients, kept for the next (see _Engine._scratch); freed with the model or by release_buffers().
         self.spares: dict[str, Tensor] = {}
+        self.mlp_capture: list[Any] = []  # hooks that make TransformerBridge blocks fire hook_mlp_in
 
 
 _SLOTS: "weakref.WeakKeyDictionary[Any, _ModelSlot]" = weakref.WeakKeyDictionary()
@@ -318,6 +319,7 @@ def engine_flags(model: Any, want: dict[str, bool] | None = None) -> Iterator[No
     attn_only = bool(getattr(model.cfg, "attn_only", False))
     if slot.depth == 0:
         slot.saved_bridge = _bridge_capture_state(model)
+        slot.mlp_capture = _capture_bridge_mlp_inputs(model)
     previous = {flag: bool(getattr(model.cfg, flag, False)) for flag, _ in _FLAGS}
     order = [flag for flag, _ in _FLAGS]  # attn_in off before split on; restore in reverse
     slot.depth += 1
@@ -334,6 +336,9 @@ def engine_flags(model: Any, want: dict[str, bool] | None = None) -> Iterator[No
         slot.depth -= 1
         _restore_flags(model, previous)
         if slot.depth == 0:
+            for handle in slot.mlp_capture:
+                handle.remove()
+            slot.mlp_capture = []
             _restore_bridge_capture_state(model, slot.saved_bridge)
 
 
@@ -365,6 +370,74 @@ def _restore_bridge_capture_state(model: Any, state: dict[int, tuple[Any, bool, 
         attn = module.submodules.get("attn") if getattr(module, "submodules", None) else None
         if attn is not None and hasattr(attn, "_captured_pre_ln_residual"):
             attn._captured_pre_ln_residual = captured
+
+
+def _capture_bridge_mlp_inputs(model: Any) -> list[Any]:
+    """Make every TransformerBridge block fire ``hook_mlp_in`` with the residual stream its MLP reads, as
+    every other block does; returns the handles of the hooks installed here (the caller removes them).
+
+    TransformerBridge fires ``hook_mlp_in`` (and gives split q/k/v inputs their pre-normalization residual)
+    from pre-hooks that a block's forward installs on its normalizations. Two kinds of block do not:
+
+    - blocks whose own forward skips that set-up (Bloom's): it is run here, and undone on exit like the
+      set-up the flags cause (see :func:`_bridge_capture_state`). Without it Bloom's split inputs carry the
+      normalized residual and its MLP inputs are never patched;
+    - parallel blocks whose MLP reads the attention's normalization (GPT-J, Phi, Falcon, Cohere: no ``ln2``
+      to hook): ``hook_mlp_in`` never fires there. Here a pre-hook on ``ln1`` keeps the residual and a
+      pre-hook on the MLP fires ``hook_mlp_in`` with it; where a hook changed it, the MLP reads the
+      normalization of the changed residual (computed from ``ln1``'s parameters, no hook firing), else its
+      input as it was.
+
+    Without this, patching those MLP inputs silently did nothing: an edge into them kept its clean value
+    whatever its weight."""
+    if not hasattr(model, "original_model"):
+        return []
+    handles: list[Any] = []
+    proj = Projections(model, True)
+    for layer, block in enumerate(getattr(model, "blocks", ())):
+        if hasattr(block, "_maybe_wire_capture_hooks") and not getattr(block, "_capture_hooks_wired", True):
+            block._maybe_wire_capture_hooks()
+        subs = getattr(block, "submodules", None) or {}
+        target = subs.get("mlp") if getattr(block, "mlp_reads_resid_directly", False) else subs.get("ln2")
+        if target is not None and getattr(target, "original_component", None) is not None:
+            continue  # TransformerBridge fires hook_mlp_in itself
+        ln1, mlp, hook = subs.get("ln1"), subs.get("mlp"), getattr(block, "hook_mlp_in", None)
+        if ln1 is None or mlp is None or hook is None or getattr(ln1, "original_component", None) is None:
+            continue
+        handles += _shared_norm_mlp_hooks(model, layer, ln1, mlp, hook, proj)
+    return handles
+
+
+def _shared_norm_mlp_hooks(model: Any, layer: int, ln1: Any, mlp: Any, hook: Any, proj: "Projections") -> list[Any]:
+    """The two pre-hooks of :func:`_capture_bridge_mlp_inputs` for a parallel block whose MLP reads ``ln1``'s
+    output."""
+    kept: dict[str, Any] = {}
+    checked: list[bool] = []
+
+    def keep(module: Any, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            kept["r"] = args[0]
+
+    def fire(module: Any, args: tuple) -> tuple | None:
+        r = kept.pop("r", None)
+        if r is None or not args or not isinstance(args[0], Tensor) or not bool(getattr(model.cfg, "use_hook_mlp_in", False)):
+            return None
+        y = hook(r)
+        if y is r:
+            return None
+        if not checked:  # once per context: the MLP must read exactly this normalization of the residual
+            tol = 1e-4 if args[0].dtype in (torch.float32, torch.float64) else 1e-2
+            if args[0].shape != r.shape or bool(((proj.norm(layer, r) - args[0]).abs() > tol * (1 + args[0].abs())).any()):
+                raise EdgepatchError(
+                    f"edgepatch cannot patch the MLP inputs of {type(model.blocks[layer]).__name__} "
+                    f"(layer {layer}): its MLP does not read the normalization of the residual stream that the "
+                    f"attention reads, and TransformerBridge fires no hook_mlp_in there. Please report this "
+                    f"model's architecture to edgepatch."
+                )
+            checked.append(True)
+        return (proj.norm(layer, y),) + tuple(args[1:])
+
+    return [ln1.register_forward_pre_hook(keep), mlp.register_forward_pre_hook(fire)]
 
 
 def _hook_point(model: Any, name: str) -> Any:
@@ -488,7 +561,7 @@ class _Probe(torch.autograd.Function):
 _HT_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
 _BRIDGE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
 _BRIDGE_ATTENTION = ("AttentionBridge", "JointQKVAttentionBridge", "PositionEmbeddingsAttentionBridge",
-                     "JointQKVPositionEmbeddingsAttentionBridge")
+                     "JointQKVPositionEmbeddingsAttentionBridge", "BloomAttentionBridge")
 # Bridge attention classes whose forward takes batch and positions from the q/k/v projections, not from
 # their input (see Projections.input_hooks).
 _BRIDGE_SHAPE_FROM_QKV = ("JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge")

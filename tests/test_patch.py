@@ -93,6 +93,7 @@ def reference_patched(model, graph, W, clean, corrupt):
 
     hooks = [("blocks.0.hook_resid_pre", lambda x, hook: cur.__setitem__("input", x))]
     split_inputs = _splits_qkv_inputs(model)
+    mlp_in_fires = _hook_mlp_in_fires(model)
     busy = []  # per-head projections below run the model's own modules, whose hooks must not recurse
     for layer in range(model.cfg.n_layers):
         for kind in "qkv":
@@ -118,11 +119,17 @@ def reference_patched(model, graph, W, clean, corrupt):
                     busy.pop()
                 return torch.stack(heads, dim=2)
             hooks.append((f"blocks.{layer}.attn.hook_{kind}", proj_hook))
-        if not split_inputs:
-            hooks.append((f"blocks.{layer}.hook_resid_pre", lambda x, hook, layer=layer: cur.__setitem__(f"r{layer}", x)))
+        hooks.append((f"blocks.{layer}.hook_resid_pre", lambda x, hook, layer=layer: cur.__setitem__(f"r{layer}", x)))
         hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: cur.update(head_out(model, layer, z))))
         if not getattr(model.cfg, "attn_only", False):
-            hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fix(x, f"m{layer}")))
+            block = model.blocks[layer]
+            if mlp_in_fires:
+                hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fix(x, f"m{layer}")))
+            elif hasattr(block, "ln2"):  # the MLP branch's normalization reads the residual (Bloom's bridge)
+                hooks.append((f"blocks.{layer}.ln2.hook_in", lambda x, hook, layer=layer: fix(x, f"m{layer}")))
+            else:  # parallel block whose MLP reads the attention's normalization: normalize its own input
+                hooks.append((f"blocks.{layer}.mlp.hook_in",
+                              lambda x, hook, layer=layer: model.blocks[layer].ln1(fix(cur[f"r{layer}"], f"m{layer}"))))
             hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, layer=layer: cur.__setitem__(f"m{layer}", x)))
     last = model.cfg.n_layers - 1
     hooks.append((f"blocks.{last}.hook_resid_post", lambda x, hook: fix(x, "logits")))
@@ -141,8 +148,9 @@ def reference_patched(model, graph, W, clean, corrupt):
 
 
 def _splits_qkv_inputs(model) -> bool:
-    """Whether TransformerLens can give every head its own q/k/v input (``hook_q_input``): not for a
-    TransformerBridge attention that runs HuggingFace's projections on one shared input (GPT-J, OPT)."""
+    """Whether TransformerLens gives every head its own q/k/v input (``hook_q_input``) holding the residual
+    stream: not for a TransformerBridge attention that runs HuggingFace's projections on one shared input
+    (GPT-J, OPT), nor for Bloom's bridge, whose split inputs hold the normalized residual."""
     validate = getattr(model, "_validate_attention_fork_supported", None)  # TransformerBridge 3.9+
     if validate is None:
         return True
@@ -150,7 +158,35 @@ def _splits_qkv_inputs(model) -> bool:
         validate("use_split_qkv_input")
     except NotImplementedError:
         return False
-    return True
+    seen = {}
+    hooks = [(f"blocks.{layer}.{name}", lambda x, hook, name=name: seen.setdefault(name, x.clone()))
+             for layer, name in ((0, "hook_resid_pre"), (0, "hook_q_input"))]
+    saved = model.cfg.use_split_qkv_input
+    model.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(tokens(model, batch=1, pos=3))
+    finally:
+        model.set_use_split_qkv_input(saved)
+    return torch.equal(seen["hook_q_input"][:, :, 0], seen["hook_resid_pre"])
+
+
+def _hook_mlp_in_fires(model) -> bool:
+    """Whether ``hook_mlp_in`` fires in every block once switched on: not in TransformerBridge's parallel
+    blocks whose MLP reads the attention's normalization (GPT-J, Phi, Falcon, Cohere), nor in Bloom's."""
+    if getattr(model.cfg, "attn_only", False):
+        return True
+    fired = set()
+    hooks = [(f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fired.add(layer))
+             for layer in range(model.cfg.n_layers)]
+    saved = model.cfg.use_hook_mlp_in
+    model.set_use_hook_mlp_in(True)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(tokens(model, batch=1, pos=3))
+    finally:
+        model.set_use_hook_mlp_in(saved)
+    return len(fired) == model.cfg.n_layers
 
 
 def count_calls(monkeypatch, name: str) -> list:
@@ -243,14 +279,10 @@ def test_random_weights_match_reference(any_model, split):
         assert (want - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
-def test_node_patching_equals_replacing_the_source(case):
-    model = cached_model(*case)
-    g = ep.build_graph(model)
-    clean, corrupt = tokens(model, seed=6), tokens(model, seed=7)
-    srcs = ["input", "a0.h1", "a1.h0"] + ([] if getattr(model.cfg, "attn_only", False) else ["m0"])
+def assert_node_patching_replaces_sources(model, g, abl, clean, corrupt, srcs):
+    """DESIGN.md §3.3: w = 0 on every edge out of each source in ``srcs`` equals replacing that source's
+    output by its corrupted-run value with TransformerLens hooks."""
     with torch.no_grad():
-        abl = ep.source_activations(model, g, corrupt)
         cache = {}
         with model.hooks(fwd_hooks=[(n, lambda x, hook, n=n: cache.__setitem__(n, x.clone()))
                                     for n in ("blocks.0.hook_resid_pre", "blocks.0.attn.hook_z",
@@ -280,6 +312,17 @@ def test_node_patching_equals_replacing_the_source(case):
             with model.hooks(fwd_hooks=[hook]):
                 want = model(clean)
             assert (got - want).abs().max() <= ATOL, src
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_node_patching_equals_replacing_the_source(case):
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, seed=6), tokens(model, seed=7)
+    srcs = ["input", "a0.h1", "a1.h0"] + ([] if getattr(model.cfg, "attn_only", False) else ["m0"])
+    with torch.no_grad():
+        abl = ep.source_activations(model, g, corrupt)
+        assert_node_patching_replaces_sources(model, g, abl, clean, corrupt, srcs)
         # node-level graph: the same through one weight per source
         node = ep.build_graph(model, level="node")
         w = torch.ones(node.n_src)
@@ -1214,6 +1257,11 @@ def test_huggingface_architectures_through_the_bridge(arch):
     assert (got - want).abs().max() <= ATOL
     got.sum().backward()
     assert Wg.grad is not None and bool(Wg.grad[g.valid].ne(0).any())
+    # DESIGN.md §3.3, which reads no destination hook point: a destination the model never feeds through
+    # its hook (Bloom's bridge fires no hook_mlp_in) or feeds the wrong tensor would show here
+    # (heads whose sum is normalized before the residual stream adds it do not add up: no node patching)
+    srcs = ["input", "m0"] + ([] if arch in ("gemma3", "olmo2") else ["a0.h1"])
+    assert_node_patching_replaces_sources(model, g, abl, clean, corrupt, srcs)
     assert_unchanged(model, before)
 
 
@@ -1241,11 +1289,7 @@ def test_attention_that_cannot_be_split_per_head_gets_a_clear_error(monkeypatch)
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="known bug: EAP's scores into Bloom's value inputs "
-                                            "differ from autograd (~1% of the largest score); not yet found"))
-    if a == "bloom" else a
-    for a in _HF_ARCHITECTURES if a != "granite"])
+@pytest.mark.parametrize("arch", [a for a in _HF_ARCHITECTURES if a != "granite"])
 def test_eap_equals_autograd_across_architectures(arch):
     """DESIGN.md §3.5 across the bridge's architectures: EAP scores are ``-dMetric/dw`` at ``w = 1``, the
     gradient through ``patch``, also where TransformerLens cannot split the attention per head (GPT-J, OPT:
