@@ -847,8 +847,37 @@ class _Engine:
     def install(self) -> None:
         if self.hook_specs is None:
             self.hook_specs = self.hook_list()
-        for name, fn in self.hook_specs:
-            self.handles.append(_register(self.model, name, fn))
+        fired = [False] * len(self.hook_specs)
+        final = self.plan[-1][0]  # the logits' hook: the last of a forward
+        for i, (name, fn) in enumerate(self.hook_specs):
+            self.handles.append(_register(self.model, name, self._watched(fn, fired, i, name == final)))
+
+    def _watched(self, fn: Callable, fired: list[bool], i: int, final: bool) -> Callable:
+        """``fn``, noting that hook ``i`` fired in this forward; the first hook (the model's input) starts a
+        forward, the logits' hook checks that every other hook fired before it. A hook point the model never
+        runs (as TransformerBridge did not run ``hook_mlp_in`` in Bloom's and some parallel blocks) would
+        leave its destinations unpatched or its sources unrecorded: an error, not a silently wrong result."""
+        def hook(module: Any, inp: Any, out: Any) -> Any:
+            if i == 0:
+                fired[:] = [False] * len(fired)
+            elif final and not all(fired[j] for j in range(len(fired)) if j != i) and (missing := self._missing(fired, i)):
+                raise EdgepatchError(
+                    f"patch: the model ran no hook at {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                    f"in this forward, so edgepatch could not patch or record what passes there; the result "
+                    f"would be wrong. The model's blocks ({type(self.model.blocks[0]).__name__}) do not run "
+                    f"TransformerLens's standard hook points: please report this architecture to edgepatch."
+                )
+            fired[i] = True
+            return fn(module, inp, out)
+
+        return hook
+
+    def _missing(self, fired: list[bool], final: int) -> list[str]:
+        """The hooks that did not fire before the logits' hook, except split q/k/v inputs while that mode is
+        off (``patch`` leaves it off where no attention input is patched: those hooks have nothing to do)."""
+        split = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
+        return [name for j, (name, _) in enumerate(self.hook_specs or ()) if j != final and not fired[j]
+                and (split or not name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")))]
 
     def remove(self) -> None:
         for h in self.handles:

@@ -1265,6 +1265,23 @@ def test_huggingface_architectures_through_the_bridge(arch):
     assert_unchanged(model, before)
 
 
+def test_a_hook_point_the_model_never_runs_is_an_error_not_a_wrong_result(monkeypatch):
+    """TransformerBridge runs no ``hook_mlp_in`` in parallel blocks whose MLP reads the attention's
+    normalization (Phi here); edgepatch fires it itself. Without that, the patched forward must stop with an
+    error naming the hook point, instead of returning logits with those MLP inputs silently unpatched, and
+    leave the model as it was."""
+    model = _hf_bridge("phi")
+    g = ep.build_graph(model)
+    abl = ep.source_activations(model, g, tokens(model, seed=96))
+    before = model_snapshot(model)
+    monkeypatch.setattr(patching, "_capture_bridge_mlp_inputs", lambda model: [])
+    with pytest.raises(EdgepatchError, match=r"ran no hook at blocks\.0\.hook_mlp_in, blocks\.1\.hook_mlp_in in this "
+                                             r"forward.*ParallelBlockBridge.*report"):
+        with ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
+            model(tokens(model, seed=97))
+    assert_unchanged(model, before)
+
+
 def test_residual_multiplier_blocks_are_refused():
     """Granite-family blocks scale each sublayer's output before the residual stream adds it; edgepatch
     stops with a clear error instead of patching with the wrong sources."""
