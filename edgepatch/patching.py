@@ -191,6 +191,7 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
     if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
         raise EdgepatchError(f"rows must be a slice of the batch with step 1 (e.g. slice(8, 16)); got {rows!r}.")
     out: dict[str, Tensor] = {}
+    recorded = [False] * graph.n_src
 
     def sink(start: int, t: Tensor) -> None:
         if rows is not None:
@@ -199,6 +200,7 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
             _, b, p, m = t.shape
             out["buf"] = t.new_empty(graph.n_src, b, p, m)
         out["buf"][start : start + t.shape[0]] = t
+        recorded[start : start + t.shape[0]] = [True] * t.shape[0]
 
     hooks = _source_hooks(model, graph.engine_graph, sink)
     proj: dict[str, Tensor] = {}
@@ -215,6 +217,14 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
             run_without_logits(model, tokens, **forward_kwargs)
         else:
             logits = final_logits(model, tokens, logits_at, **forward_kwargs)
+    missing = [graph.src_names[i] for i, done in enumerate(recorded) if not done]
+    if missing or (proj and len(proj) != 3 * spec.n_layers):
+        what = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "") if missing else "some q/k/v projections"
+        raise EdgepatchError(
+            f"source_activations: the model ran no hook for {what}, so their activations were not recorded. "
+            f"The model's blocks ({type(model.blocks[0]).__name__}) do not run TransformerLens's standard hook "
+            f"points: please report this architecture to edgepatch."
+        )
     abl = Ablation(out["buf"], "corrupt", spec, proj or None)
     return abl if logits_at is False else (abl, logits)
 

@@ -1282,6 +1282,16 @@ def test_a_hook_point_the_model_never_runs_is_an_error_not_a_wrong_result(monkey
     assert_unchanged(model, before)
 
 
+def test_a_source_the_model_never_records_is_an_error(monkeypatch):
+    """source_activations must not return uninitialized memory for a source whose hook point never ran."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    hooks = patching._source_hooks
+    monkeypatch.setattr(patching, "_source_hooks", lambda *a, **k: [h for h in hooks(*a, **k) if "blocks.1.hook_mlp_out" not in h[0]])
+    with pytest.raises(EdgepatchError, match=r"ran no hook for m1, so their activations were not recorded"):
+        ep.source_activations(model, g, tokens(model))
+
+
 def test_residual_multiplier_blocks_are_refused():
     """Granite-family blocks scale each sublayer's output before the residual stream adds it; edgepatch
     stops with a clear error instead of patching with the wrong sources."""
