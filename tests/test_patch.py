@@ -159,15 +159,9 @@ def _splits_qkv_inputs(model) -> bool:
     except NotImplementedError:
         return False
     seen = {}
-    hooks = [(f"blocks.{layer}.{name}", lambda x, hook, name=name: seen.setdefault(name, x.clone()))
-             for layer, name in ((0, "hook_resid_pre"), (0, "hook_q_input"))]
-    saved = model.cfg.use_split_qkv_input
-    model.set_use_split_qkv_input(True)
-    try:
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            model(tokens(model, batch=1, pos=3))
-    finally:
-        model.set_use_split_qkv_input(saved)
+    _run_with_flag(model, "use_split_qkv_input", [
+        (f"blocks.0.{name}", lambda x, hook, name=name: seen.setdefault(name, x.clone()))
+        for name in ("hook_resid_pre", "hook_q_input")])
     return torch.equal(seen["hook_q_input"][:, :, 0], seen["hook_resid_pre"])
 
 
@@ -177,16 +171,20 @@ def _hook_mlp_in_fires(model) -> bool:
     if getattr(model.cfg, "attn_only", False):
         return True
     fired = set()
-    hooks = [(f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fired.add(layer))
-             for layer in range(model.cfg.n_layers)]
-    saved = model.cfg.use_hook_mlp_in
-    model.set_use_hook_mlp_in(True)
+    _run_with_flag(model, "use_hook_mlp_in", [(f"blocks.{layer}.hook_mlp_in", lambda x, hook, layer=layer: fired.add(layer))
+                                              for layer in range(model.cfg.n_layers)])
+    return len(fired) == model.cfg.n_layers
+
+
+def _run_with_flag(model, flag: str, hooks) -> None:
+    """One short forward with TransformerLens's ``flag`` on and ``hooks``; the flag restored after."""
+    saved = getattr(model.cfg, flag)
+    getattr(model, f"set_{flag}")(True)
     try:
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             model(tokens(model, batch=1, pos=3))
     finally:
-        model.set_use_hook_mlp_in(saved)
-    return len(fired) == model.cfg.n_layers
+        getattr(model, f"set_{flag}")(saved)
 
 
 def count_calls(monkeypatch, name: str) -> list:
