@@ -222,11 +222,16 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
         what = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "") if missing else "some q/k/v projections"
         raise EdgepatchError(
             f"source_activations: the model ran no hook for {what}, so their activations were not recorded. "
-            f"The model's blocks ({type(model.blocks[0]).__name__}) do not run TransformerLens's standard hook "
-            f"points: please report this architecture to edgepatch."
+            f"{_unusual_blocks(model)}"
         )
     abl = Ablation(out["buf"], "corrupt", spec, proj or None)
     return abl if logits_at is False else (abl, logits)
+
+
+def _unusual_blocks(model: Any) -> str:
+    """The end of the error for a hook point the model did not run."""
+    return (f"The model's blocks ({type(model.blocks[0]).__name__}) do not run TransformerLens's standard hook "
+            f"points: please report this architecture to edgepatch.")
 
 
 @torch.no_grad()
@@ -870,12 +875,11 @@ class _Engine:
         def hook(module: Any, inp: Any, out: Any) -> Any:
             if i == 0:
                 fired[:] = [False] * len(fired)
-            elif final and not all(fired[j] for j in range(len(fired)) if j != i) and (missing := self._missing(fired, i)):
+            elif final and (missing := self._missing(fired, i)):
                 raise EdgepatchError(
                     f"patch: the model ran no hook at {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
                     f"in this forward, so edgepatch could not patch or record what passes there; the result "
-                    f"would be wrong. The model's blocks ({type(self.model.blocks[0]).__name__}) do not run "
-                    f"TransformerLens's standard hook points: please report this architecture to edgepatch."
+                    f"would be wrong. {_unusual_blocks(self.model)}"
                 )
             fired[i] = True
             return fn(module, inp, out)
@@ -884,7 +888,9 @@ class _Engine:
 
     def _missing(self, fired: list[bool], final: int) -> list[str]:
         """The hooks that did not fire before the logits' hook, except split q/k/v inputs while that mode is
-        off (``patch`` leaves it off where no attention input is patched: those hooks have nothing to do)."""
+        off (``patch`` leaves it off where no attention input is patched: those hooks have nothing to do).
+        The mode is read now, not at install: a suspended outer patch is reinstalled while the inner one's
+        flags still hold."""
         split = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
         return [name for j, (name, _) in enumerate(self.hook_specs or ()) if j != final and not fired[j]
                 and (split or not name.endswith(("hook_q_input", "hook_k_input", "hook_v_input")))]

@@ -528,6 +528,30 @@ def test_patch_restores_model_and_nests(fresh_model):
     assert torch.allclose(inner, model(corrupt), atol=1e-4)
 
 
+def test_nested_patches_with_different_split_modes(monkeypatch):
+    """Where the engine falls back to split q/k/v inputs, a patch that leaves attention alone runs with that
+    mode off, one that patches attention with it on. Nested either way, the outer patch gives the same
+    logits before and after the inner one (its hooks are reinstalled while the inner flags still hold)."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    clean = tokens(model)
+    abl = ep.source_activations(model, g, tokens(model, seed=2))
+    gen = torch.Generator().manual_seed(3)
+    attn = torch.rand(g.n_src, g.n_dest, generator=gen)  # patches attention inputs: split mode on
+    mlp_only = torch.ones(g.n_src, g.n_dest)  # attention inputs kept: split mode off
+    mlp_only[:, g.dest_index("m1")] = torch.rand(g.n_src, generator=gen)
+    monkeypatch.setattr(patching, "projections_of", lambda model: None)
+    with torch.no_grad():
+        for outer_w, inner_w in ((attn, mlp_only), (mlp_only, attn)):
+            with ep.patch(model, g, outer_w, abl):
+                first = model(clean)
+                with ep.patch(model, g, inner_w, abl):
+                    model(clean)
+                assert (model(clean) - first).abs().max() <= 1e-6
+            with ep.patch(model, g, outer_w, abl):
+                assert (model(clean) - first).abs().max() <= 1e-6
+
+
 def test_flags_restored_when_user_set_them(monkeypatch):
     model = ep.random_model("tiny", model_class="hooked", seed=2)
     model.set_use_split_qkv_input(True)
