@@ -64,7 +64,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     skipped = [m for m in methods if m not in available]
     for m in skipped:
-        print(f"# note: method {m!r} is not available (its module is missing or failed to import); skipped")
+        print(f"# note: unknown method {m!r} (expected one of {sorted(available)}); skipped")
     methods = [m for m in methods if m in available]
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     lns = {"both": [False, True], "on": [True], "off": [False]}[args.ln]

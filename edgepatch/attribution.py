@@ -495,38 +495,56 @@ def _repeat(batch: PromptPairs, c: int) -> PromptPairs:
 # ------------------------------------------------------------------------------------------------------
 # The dispatcher
 # ------------------------------------------------------------------------------------------------------
-def _methods() -> dict[str, Callable[..., EdgeScores]]:
-    methods: dict[str, Callable[..., EdgeScores]] = {
-        "eap": eap,
-        "eap-ig": eap_ig,
-        "eap-ig-inputs": lambda *a, **k: eap_ig(*a, variant="inputs", **k),
-        "eap-ig-activations": lambda *a, **k: eap_ig(*a, variant="activations", **k),
-        "clean-corrupted": lambda *a, **k: eap_ig(*a, variant="clean-corrupted", **k),
-        "exact": exact_patching,
+def _random(model: Any, graph: Graph, data: PromptPairs, metric: Any = None, *, seed: int = 0,
+            ablation: Any = None, batch_size: Any = None, progress: Any = None) -> EdgeScores:
+    """``method="random"``: :func:`~edgepatch.baselines.random_scores` (``seed``). It takes the options
+    every other method takes (``ablation``, ``batch_size``, ``progress``), so that loops over methods can
+    pass them all, and ignores them."""
+    from edgepatch.baselines import random_scores
+
+    return random_scores(graph, seed=seed)
+
+
+def _methods() -> dict[str, tuple[Callable[..., EdgeScores], dict[str, Any], dict[str, Any]]]:
+    """Method name -> (function, options the name fixes, option defaults the name sets)."""
+    from edgepatch.acdc import acdc
+    from edgepatch.baselines import activation_magnitude
+    from edgepatch.learned import learn_masks
+
+    return {
+        "eap": (eap, {}, {}),
+        "eap-ig": (eap_ig, {}, {}),
+        "eap-ig-inputs": (eap_ig, {"variant": "inputs"}, {}),
+        "eap-ig-activations": (eap_ig, {"variant": "activations"}, {}),
+        "clean-corrupted": (eap_ig, {"variant": "clean-corrupted"}, {}),
+        "exact": (exact_patching, {}, {}),
+        "acdc": (acdc, {}, {}),
+        "learned": (learn_masks, {}, {}),
+        "edge-pruning": (learn_masks, {}, {"mask_fn": "hard_concrete"}),
+        "subnetwork-probing": (learn_masks, {}, {"mask_fn": "sigmoid"}),
+        "random": (_random, {}, {}),
+        "activation-magnitude": (activation_magnitude, {}, {}),
     }
-    try:
-        from edgepatch.acdc import acdc
 
-        methods["acdc"] = acdc
-    except ImportError:  # pragma: no cover - module optional during development
-        pass
-    try:
-        from edgepatch.learned import learn_masks
 
-        methods["learned"] = learn_masks
-        methods["edge-pruning"] = lambda *a, **k: learn_masks(*a, **{"mask_fn": "hard_concrete", **k})
-        methods["subnetwork-probing"] = lambda *a, **k: learn_masks(*a, **{"mask_fn": "sigmoid", **k})
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from edgepatch.baselines import activation_magnitude, random_scores
+def _check_options(method: str, fn: Callable[..., EdgeScores], fixed: dict[str, Any], options: dict[str, Any]) -> None:
+    """A clear error for an option the method does not take (instead of Python's TypeError from deep
+    inside), listing the options it does take."""
+    import inspect
 
-        methods["random"] = lambda model, graph, data, metric=None, **k: random_scores(
-            graph, **{key: v for key, v in k.items() if key in ("seed",)})
-        methods["activation-magnitude"] = activation_magnitude
-    except ImportError:  # pragma: no cover
-        pass
-    return methods
+    params = inspect.signature(fn).parameters
+    takes = [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in fixed]
+    for name in options:
+        if name in fixed:
+            raise EdgepatchError(
+                f"method={method!r} sets {name}={fixed[name]!r} itself; got {name}={options[name]!r} too. "
+                f"Use method={fn.__name__.replace('_', '-')!r} with {name}={options[name]!r} instead."
+            )
+        if name not in takes:
+            raise EdgepatchError(
+                f"method={method!r} has no option {name!r}.{suggest(name, takes)} Its options: "
+                f"{', '.join(takes)}."
+            )
 
 
 def attribute(
@@ -544,9 +562,11 @@ def attribute(
     ``metric``: a name (``"logit_diff"``, ``"kl"``, ...) or a callable ``(logits, data) -> [batch]``.
     ``options`` go to the method (``ablation=``, ``batch_size=``, ``progress=``, ...)."""
     methods = _methods()
-    key = method.lower().replace("_", "-")
+    key = method.lower().replace("_", "-") if isinstance(method, str) else method
     if key not in methods:
         raise EdgepatchError(
-            f"Unknown method {method!r}; expected one of {sorted(methods)}.{suggest(key, methods)}"
+            f"Unknown method {method!r}; expected one of {sorted(methods)}.{suggest(str(key), methods)}"
         )
-    return methods[key](model, graph, data, metric, **options)
+    fn, fixed, defaults = methods[key]
+    _check_options(key, fn, fixed, options)
+    return fn(model, graph, data, metric, **{**defaults, **options, **fixed})

@@ -7,6 +7,7 @@ import torch
 
 import edgepatch as ep
 from edgepatch.attribution import attribute, eap, eap_ig, exact_patching
+from edgepatch.errors import EdgepatchError
 from edgepatch.metrics import get_metric
 from edgepatch.tasks import induction
 
@@ -159,6 +160,27 @@ def test_algorithms_leave_model_unchanged(fresh_model):
     with pytest.raises(ValueError, match=r"Unknown ablation 'corupt'.*Did you mean 'corrupt'"):
         eap(model, g, data, ablation="corupt", progress=False)
     assert_unchanged(model, before)
+
+
+def test_options_a_method_does_not_take_are_named():
+    """An option the method does not take is an error that names the method's options, before any
+    work is done, instead of Python's TypeError from inside the method."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model)
+    with pytest.raises(EdgepatchError, match=r"method='learned' has no option 'steps'\. Did you mean 'epochs'\? "
+                                             r"Its options: mask_fn, .*epochs.*progress\."):
+        attribute(model, g, data, method="learned", steps=5)
+    with pytest.raises(EdgepatchError, match=r"method='eap' has no option 'batchsize'\. Did you mean 'batch_size'"):
+        attribute(model, g, data, method="eap", batchsize=4)
+    with pytest.raises(EdgepatchError, match=r"method='eap-ig-inputs' sets variant='inputs' itself; got "
+                                             r"variant='activations' too\. Use method='eap-ig' with variant='activations'"):
+        attribute(model, g, data, method="eap-ig-inputs", variant="activations")
+    # a name that only sets a default keeps it overridable; "random" takes (and ignores) the common options
+    s = attribute(model, g, data, method="edge-pruning", mask_fn="sigmoid", epochs=2, progress=False)
+    assert s.info["mask_fn"] == "sigmoid"
+    r = attribute(model, g, data, method="random", seed=3, ablation="zero", batch_size=2, progress=False)
+    assert torch.equal(r.flat, ep.baselines.random_scores(g, seed=3).flat)
 
 
 def test_zero_and_mean_ablation_attribution():
