@@ -204,7 +204,8 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
 
     hooks = _source_hooks(model, graph.engine_graph, sink)
     proj: dict[str, Tensor] = {}
-    if projections and projections_of(model) is not None:
+    # (not where heads are normalized before the residual stream adds them: the engine does not reuse them there)
+    if projections and projections_of(model) is not None and not normalizes_attention_output(model):
         for layer in range(spec.n_layers):
             for kind in "qkv":
                 def record(module: Any, inp: Any, y: Tensor, key: str = f"{layer}{kind}") -> None:
@@ -771,7 +772,10 @@ class _Engine:
         self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [pos, ...])
         self.n_circuits = 0
         self.plan = dest_groups(graph)
-        # the residual stream receives a normalization of the heads' sum (Gemma 2): heads do not cancel
+        # The residual stream receives a normalization of the heads' sum (Gemma 2/3): heads do not cancel.
+        # Nor does a destination whose every incoming weight is 0 then read its corrupted-run input (where
+        # some upstream head differs from its ablated value, the residual stream minus the differences of the
+        # recorded head outputs is not the corrupted run's): no corrupted-run shortcuts for it.
         self.heads_add_up = not normalizes_attention_output(model)
         self.handles: list[Any] = []
         self.hook_specs: list[tuple[str, Callable]] | None = None  # default: hook_list()
@@ -951,7 +955,8 @@ class _Engine:
         self.W = W
         self.batch = b
         self.cache: dict[str, Tensor] | None = None
-        if self.proj is not None and self.abl_proj is not None and self.slots is None and not W.requires_grad:
+        if (self.proj is not None and self.abl_proj is not None and self.slots is None and not W.requires_grad
+                and self.heads_add_up):  # (see __init__)
             some = next(iter(self.abl_proj.values()))
             if some.shape[1] == p and some.shape[0] * max(self.n_circuits, 1) == b:
                 if some.device != x.device or some.dtype != x.dtype:
@@ -1071,7 +1076,8 @@ class _Engine:
         - no destination reads the output (every outgoing weight 0): each destination subtracts all of
           ``o - â`` from the residual, so ``o`` cancels and ``â`` takes its place, whatever the ablation;
         - or every incoming weight is 0 and ``â`` comes from the corrupted run (``kind`` "corrupt"): the
-          MLP then reads exactly its corrupted-run input, so it outputs ``â``.
+          MLP then reads exactly its corrupted-run input, so it outputs ``â``. Not where heads do not add
+          up (Gemma 2/3): there the residual stream minus the heads' differences is not the corrupted run's.
 
         Sweeps meet these in most small circuits (GPT-2 small, the 10 log-spaced EAP circuits: 42 of
         108 MLP runs). Only where no other hook watches the MLP's hook points, which would see fewer rows."""
@@ -1082,7 +1088,7 @@ class _Engine:
         if self.sparse and W is not None and layer in self.mlp_dest:
             d, n = self.mlp_dest[layer]
             silent = self._unread(W, self.g.mlp_src_index(layer))  # no destination reads the output
-            if self.abl_kind == "corrupt":
+            if self.abl_kind == "corrupt" and self.heads_add_up:
                 Wc = W if W.ndim == 3 else W.unsqueeze(0)
                 silent |= (Wc[:, :n, d] == 0).all(-1)  # the corrupted-run input: the corrupted output
             skip = silent if bool(silent.any()) and self._mlp_alone(layer) else None

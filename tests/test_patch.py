@@ -955,6 +955,25 @@ def _mlp_cases(g, gen, n_layers):
             torch.stack([deaf, deaf])]
 
 
+def _shortcut_cases(g, gen, n_layers):
+    """Dense random weights where the engine may take a shortcut: an MLP nobody reads (m0), an MLP and all of
+    a layer's attention inputs that read only ablated inputs (the last layer's). Every other weight is in
+    (0, 1), so upstream sources differ from their ablated values and a wrong shortcut shows in the logits
+    (0/1 weights can hide it: an unread last MLP cancels whatever it outputs)."""
+    last = n_layers - 1
+    cases = []
+    for what in ("silent m0", "deaf mlp", "deaf heads"):
+        W = torch.rand(g.n_src, g.n_dest, generator=gen) * 0.9 + 0.05
+        if what == "silent m0":
+            W[g.src_index("m0")] = 0
+        elif what == "deaf mlp":
+            W[:, g.dest_index(f"m{last}")] = 0
+        else:
+            W[:, [d for d, name in enumerate(g.dest_names) if name.startswith(f"a{last}.")]] = 0
+        cases.append(W)
+    return cases
+
+
 def _record_mlp_rows(monkeypatch) -> dict[int, int]:
     """layer -> the batch rows each MLP ran on (its input hook's output) in the last patched forward."""
     rows: dict[int, int] = {}
@@ -1136,7 +1155,10 @@ def test_gemma2_normalizations_after_attention_and_mlp(model_class):
     sources are the normalized outputs (``hook_mlp_out``), head sources ``z_h W_O^h`` before the
     normalization, where heads do not add up (see the README's supported models). The engine must follow
     that rule everywhere, also for a head that no destination reads (it is computed here, not skipped),
-    for random weights and for circuits whose MLPs are skipped; all weights 0 give the corrupted run."""
+    for random weights and for circuits whose MLPs are skipped; all weights 0 give the corrupted run. A
+    destination whose weights are all 0 does not read its corrupted-run input here (upstream heads that
+    differ from their ablated values do not cancel), so its MLP runs and its q/k/v are computed, not taken
+    from the corrupted run (this was wrong before: ``_shortcut_cases``)."""
     model = _gemma2(model_class)
     with pytest.warns(UserWarning, match="heads' outputs do not add up"):
         g = ep.build_graph(model)
@@ -1146,7 +1168,7 @@ def test_gemma2_normalizations_after_attention_and_mlp(model_class):
     silent_head = torch.ones(g.n_src, g.n_dest)
     silent_head[g.src_index("a0.h1")] = 0  # every edge out of one head ablated
     for W in _mlp_cases(g, gen, model.cfg.n_layers)[:4] + [torch.rand(g.n_src, g.n_dest, generator=gen),
-                                                            silent_head]:
+                                                            silent_head] + _shortcut_cases(g, gen, model.cfg.n_layers):
         with ep.patch(model, g, W, abl), torch.no_grad():
             got = model(clean)
         assert (got - reference_patched(model, g, W, clean, corrupt)).abs().max() <= ATOL
@@ -1273,6 +1295,12 @@ def test_huggingface_architectures_through_the_bridge(arch):
         for weights, expected in ((torch.ones_like(W), plain), (torch.zeros_like(W), corrupted), (W, want)):
             with ep.patch(model, g, weights, abl):
                 assert (model(clean) - expected).abs().max() <= ATOL
+        # the engine's shortcuts (MLPs not run, q/k/v taken from the corrupted run) where they apply, and
+        # only there (OLMo 2, Gemma 3: heads do not add up)
+        for Ws in _shortcut_cases(g, torch.Generator().manual_seed(84), model.cfg.n_layers):
+            want_s = reference_patched(model, g, Ws, clean, corrupt)
+            with ep.patch(model, g, Ws, abl):
+                assert (model(clean) - want_s).abs().max() <= ATOL
     Wg = W.clone().requires_grad_()
     with ep.patch(model, g, Wg, abl):
         got = model(clean)
