@@ -1106,14 +1106,17 @@ class _Engine:
     def _mlp_alone(self, layer: int) -> bool:
         """No hook but the engine's on the MLP's input and output hook points, and none at all on the
         modules of its normalizations and of the MLP (they would see the shortened batch), except
-        TransformerBridge's own, which feeds the normalization from ``hook_mlp_in``."""
+        TransformerBridge's own, which feeds the normalization from ``hook_mlp_in``, and edgepatch's, which
+        fire ``hook_mlp_in`` where TransformerBridge does not (:func:`_capture_bridge_mlp_inputs`)."""
         from transformer_lens.hook_points import HookPoint
 
         block = self.model.blocks[layer]
         if not _alone(_hook_point(self.model, f"blocks.{layer}.hook_mlp_in"), 1):
             return False
         out = _hook_point(self.model, f"blocks.{layer}.hook_mlp_out")
-        bridge_own = {h.id for h in getattr(block, "_capture_hook_handles", ())}
+        # TransformerBridge's own capture hooks, and ours that fire hook_mlp_in (_capture_bridge_mlp_inputs)
+        bridge_own = {h.id for h in getattr(block, "_capture_hook_handles", ())} | \
+            {h.id for h in _slot(self.model).mlp_capture}
         if getattr(block, "mlp", None) is None:
             return False
         for part in ("ln2", "mlp", "ln2_post"):  # ln2_post: Gemma 2's normalization of the MLP output
