@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from edgepatch.data import PromptPairs
-from edgepatch.errors import EdgepatchError, suggest
+from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, dest_groups, is_post_norm
 from edgepatch.masks import frozen
 from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only
@@ -69,6 +69,7 @@ from edgepatch.patching import (
     _check_graph,
     _Engine,
     _Probe,
+    accumulate_probe,
     activated,
     mean_activations,
     patch,
@@ -194,8 +195,7 @@ class _ProbeProjection(torch.autograd.Function):
         # one vector-Jacobian product of the normalization at r, applied to every head's gradient
         _, vjp = torch.func.vjp(norm, resid.detach())
         (g_in,) = torch.vmap(vjp)(g_norm)  # [h, b, p, m]
-        gh = g_in.reshape(h, -1)  # [h, X]
-        acc[:n, idx] += (buf[:n].reshape(n, -1) @ gh.T).to(acc.dtype)
+        accumulate_probe(acc, buf[:n], g_in.permute(1, 2, 0, 3), idx, sp["slots"])
         return grad, None
 
 
@@ -213,15 +213,17 @@ def _norm_fn(model: Any, proj: Projections | None, layer: int) -> Callable[[Tens
 
 @contextlib.contextmanager
 def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff: Tensor | None = None,
-           input_override: Callable[[Tensor], Tensor] | None = None) -> Iterator[_Engine]:
+           input_override: Callable[[Tensor], Tensor] | None = None, slots: Tensor | None = None) -> Iterator[_Engine]:
     """Attribution mode: identity forward; the backward accumulates ``(o - â) · grad`` into ``acc``.
 
     ``fixed_diff`` (``[n_src, batch, pos, d_model]``) replaces the current forward's ``o - â`` (EAP-IG on
     inputs uses the clean differences at every interpolation point). ``input_override`` maps the model's
     input residual to the one used (interpolated embeddings). Attention destinations are probed at the
-    q/k/v projection outputs (see :class:`_ProbeProjection`), MLP inputs and logits at their inputs."""
+    q/k/v projection outputs (see :class:`_ProbeProjection`), MLP inputs and logits at their inputs.
+    ``slots`` (``[batch, pos]``): per-position scores, ``acc`` then ``[n_slots, n_src, n_dest]``."""
     engine = _Engine(model, graph, lambda: torch.ones(graph.n_src, graph.n_dest), ablated, None)
     engine.probe = acc
+    engine.probe_slots = slots
     source_hooks = engine.hook_list()[: _n_source_hooks(graph)]
     name0, fn0 = source_hooks[0]
     resid: dict[int, Tensor] = {}
@@ -256,13 +258,13 @@ def _probe(model: Any, graph: Graph, acc: Tensor, ablated: Ablation, fixed_diff:
                 W = projection_param(model, layer, "W", kind, n_out)
                 assert W is not None
                 sp = {"W": W.detach(), "resid": resid[layer], "norm": _norm_fn(model, proj, layer), "n": n, "buf": engine.buf, "acc": acc,
-                      "idx": idx.to(acc.device)}
+                      "idx": idx.to(acc.device), "slots": slots}
                 return _ProbeProjection.apply(y, sp)
 
             hooks.append((f"blocks.{layer}.attn.hook_{kind}", proj_hook))
         else:
             def dest_hook(module: Any, inp: Any, x: Tensor, idx: Tensor = idx, n: int = n) -> Tensor:
-                return _Probe.apply(x, acc, engine.buf[:n], idx.to(acc.device), n)
+                return _Probe.apply(x, acc, engine.buf[:n], idx.to(acc.device), n, slots)
 
             hooks.append((name, dest_hook))
     engine.hook_specs = hooks
@@ -290,13 +292,21 @@ def eap(
     ablation: Any = "corrupt",
     batch_size: int = 32,
     progress: bool = True,
+    positions: Any = None,
+    slot_names: Any = None,
 ) -> EdgeScores:
     """Edge attribution patching: ``score = (â_s - o_s) · dMetric/dx_d``, one clean forward + backward and
     one ablated (corrupted) forward per batch.
 
     The scores equal ``-dMetric/dw`` at ``w = 1`` (autograd through :func:`edgepatch.patch`). A metric
     that compares with the clean run (KL divergence) is at its minimum there, so its gradient, and every
-    EAP score, is zero: use EAP-IG for such metrics (a warning says so)."""
+    EAP score, is zero: use EAP-IG for such metrics (a warning says so).
+
+    Per-position scores, one per (position slot, edge), as :func:`edgepatch.patch` takes per-position
+    weights: ``positions="absolute"`` (slot = token index; padding, ``attention_mask == 0``, is not
+    scored) or a ``[n_prompts, pos]`` integer tensor giving each token's slot (-1: none), e.g. the IO, S1, S2
+    and END positions of IOI; ``slot_names`` names the slots. The scores then equal ``-dMetric/dW`` at
+    ``W = 1`` for weights ``W`` ``[n_slots, n_src, n_dest]`` patched with those ``positions``."""
     if getattr(get_metric(metric), "needs_clean", False):
         warnings.warn(
             f"eap with metric {metric_name(metric)!r}: this metric compares the patched run with the clean run "
@@ -304,7 +314,8 @@ def eap(
             f"score is ~0. Use method='eap-ig' (integrated gradients) for this metric, or a task metric such "
             f"as 'logit_diff'.", RuntimeWarning, stacklevel=2)
     return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size,
-                       progress=progress, steps=1, variant="inputs", method="eap")
+                       progress=progress, steps=1, variant="inputs", method="eap", positions=positions,
+                       slot_names=slot_names)
 
 
 def eap_ig(
@@ -318,27 +329,77 @@ def eap_ig(
     ablation: Any = "corrupt",
     batch_size: int = 32,
     progress: bool = True,
+    positions: Any = None,
+    slot_names: Any = None,
 ) -> EdgeScores:
     """EAP with integrated gradients over ``steps`` points (see the module docstring for the variants
-    ``"inputs"``, ``"activations"`` and ``"clean-corrupted"``)."""
+    ``"inputs"``, ``"activations"`` and ``"clean-corrupted"``). ``positions``, ``slot_names``: per-position
+    scores, as in :func:`eap`."""
     variants = ("inputs", "activations", "clean-corrupted")
     if variant not in variants:
         raise EdgepatchError(f"Unknown EAP-IG variant {variant!r}; expected one of {variants}.{suggest(variant, variants)}")
     if not isinstance(steps, int) or steps < 1:
         raise EdgepatchError(f"steps must be a positive integer; got {steps!r}.")
     return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size, progress=progress,
-                       steps=steps, variant=variant, method=f"eap-ig-{variant}" if variant != "inputs" else "eap-ig")
+                       steps=steps, variant=variant, method=f"eap-ig-{variant}" if variant != "inputs" else "eap-ig",
+                       positions=positions, slot_names=slot_names)
+
+
+def position_slots(positions: Any, data: PromptPairs, slot_names: Any = None) -> tuple[Tensor | None, tuple[str, ...] | None]:
+    """``positions`` (None, ``"absolute"`` or a ``[n_prompts, pos]`` integer tensor of slots, -1: none) as
+    ``(slots [n_prompts, pos] long, slot names)``; ``(None, None)`` without positions. ``"absolute"``: each
+    token's index, padding (``attention_mask == 0``) excluded."""
+    if positions is None:
+        if slot_names is not None:
+            raise EdgepatchError("slot_names names the slots of positions=...; give positions too.")
+        return None, None
+    n, pos = data.clean.shape
+    if isinstance(positions, str):
+        if positions != "absolute":
+            raise EdgepatchError(f"positions must be None, 'absolute' or a [n_prompts, pos] integer tensor of slots; "
+                                 f"got {positions!r}.")
+        slots = torch.arange(pos).expand(n, pos).clone()
+        slots[data.attention_mask.cpu() == 0] = -1
+        n_slots = pos
+    elif isinstance(positions, Tensor) and not positions.is_floating_point() and positions.dtype != torch.bool:
+        if tuple(positions.shape) != (n, pos):
+            raise EdgepatchError(
+                f"positions has shape {shape_str(positions.shape)}; expected [n_prompts, pos] = [{n}, {pos}], each "
+                f"token's slot (-1: none), aligned with the prompts' tokens (data.clean)."
+            )
+        slots = positions.long().cpu()
+        if bool((slots < -1).any()):
+            raise EdgepatchError(f"positions holds {int(slots.min())}; slots are >= 0, and -1 marks a token in no slot.")
+        n_slots = int(slots.max()) + 1 if slot_names is None else len(slot_names)
+        if n_slots < 1:
+            raise EdgepatchError("positions puts no token in any slot (all -1): nothing to score.")
+    else:
+        raise EdgepatchError(f"positions must be None, 'absolute' or a [n_prompts, pos] integer tensor of slots; "
+                             f"got {type(positions).__name__}.")
+    if slot_names is None:
+        names = tuple(str(i) for i in range(n_slots))
+    else:
+        names = tuple(str(x) for x in slot_names)
+        if len(names) != n_slots or len(set(names)) != len(names) or int(slots.max()) >= len(names):
+            raise EdgepatchError(
+                f"slot_names must give one distinct name per slot: positions uses slots 0..{int(slots.max())}; got "
+                f"{list(names)}."
+            )
+    return slots, names
 
 
 @torch.enable_grad()
 def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, ablation: Any, batch_size: int,
-                progress: bool, steps: int, variant: str, method: str) -> EdgeScores:
+                progress: bool, steps: int, variant: str, method: str, positions: Any = None,
+                slot_names: Any = None) -> EdgeScores:
     _check_graph(model, graph)
     data = check_data(model, data)
+    slots, names = position_slots(positions, data, slot_names)
     device = model_device(model)
     data = data.to(device)
     eg = graph.engine_graph
-    acc = torch.zeros(eg.n_src, eg.n_dest, device=device, dtype=torch.float32)
+    lead = () if names is None else (len(names),)
+    acc = torch.zeros(*lead, eg.n_src, eg.n_dest, device=device, dtype=torch.float32)
     abl_source = AblationSource(model, graph, data, ablation, projections=False)  # (gradients: not used)
     n = len(data)
     t0 = time.perf_counter()
@@ -350,21 +411,23 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
             # unembed only the answer positions (built-in metrics), without TransformerLens's W_U copy
             # (see final_logits), which autograd would otherwise keep until the backward
             _integrate_batch(model, graph, full, answer_view(full) if fast else full, abl_source(full, sl),
-                             metric, acc, n, steps, variant, bar, device, full.answer_pos if fast else None)
+                             metric, acc, n, steps, variant, bar, device, full.answer_pos if fast else None,
+                             None if slots is None else slots[sl].to(device))
     bar.close()
     # acc accumulated +grad·(o - â) = dM/dw; scores estimate the effect of ablating: -dM/dw.
     # (The activations branch subtracted its gradients, so negate only the probe's sum.)
     scores = -acc if variant != "activations" else acc
     info = {"steps": steps, "variant": variant, "ablation": str(abl_source.kind), "n_prompts": n,
             "seconds": time.perf_counter() - t0, "score_kind": "ablation_effect"}
-    return EdgeScores(_to_graph(graph, scores), graph, method=method, metric=metric_name(metric), info=info)
+    return EdgeScores(_to_graph(graph, scores), graph, method=method, metric=metric_name(metric), info=info,
+                      slots=names)
 
 
 def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptPairs, abl: Ablation | None,
                      metric: Any, acc: Tensor, n: int, steps: int, variant: str, bar: Any, device: Any,
-                     answer_pos: Tensor | None) -> None:
+                     answer_pos: Tensor | None, slots: Tensor | None = None) -> None:
     """One batch of :func:`_integrated`: ``full`` holds the tokens, ``mdata`` is what the metric reads
-    (the answer positions only when ``answer_pos`` is given)."""
+    (the answer positions only when ``answer_pos`` is given); ``slots``: the batch's position slots."""
     assert abl is not None
     eg = graph.engine_graph
     tokens = full.clean
@@ -374,17 +437,17 @@ def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptP
         return final_logits(model, tokens, answer_pos)
 
     if variant == "activations":
-        w = torch.ones(eg.n_src, eg.n_dest, device=device)
+        w = torch.ones(*acc.shape[:-2], eg.n_src, eg.n_dest, device=device)
         for k in range(1, steps + 1):
             wk = (w * (k / steps)).requires_grad_(True)
-            with patch(model, graph, lambda wk=wk: wk, abl):
+            with patch(model, graph, lambda wk=wk: wk, abl, positions=slots):
                 logits = run(tokens)
             (m(logits, mdata).sum() / (n * steps)).backward()
             acc -= wk.grad.detach()  # probe convention: acc holds +grad.D; here -dM/dw ... see _integrated
             bar.update(1)
         return
     if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
-        with _probe(model, graph, acc, abl) as engine:
+        with _probe(model, graph, acc, abl, slots=slots) as engine:
             objective = m(run(tokens), mdata).sum() / n
             engine.abl = None  # the ablated values and the logits are not needed by the backward:
             abl = None  # free them before it, which is where EAP's memory peaks
@@ -405,7 +468,7 @@ def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptP
     for alpha in alphas:
         target = (in_clean if alpha == 1.0 else in_abl + alpha * (in_clean - in_abl)).detach()
         override = (lambda x, t=target: t.clone().requires_grad_(True))
-        with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override):
+        with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override, slots=slots):
             logits = run(tokens)
             (m(logits, mdata).sum() / (n * len(alphas))).backward()
         bar.update(1)
@@ -415,7 +478,7 @@ def _to_graph(graph: Graph, edge_scores: Tensor) -> Tensor:
     """Edge-level scores -> the graph's level (node graphs: sum over each source's edges)."""
     if graph.level == "edge":
         return edge_scores
-    return edge_scores.nan_to_num(0).sum(1, keepdim=True)
+    return edge_scores.nan_to_num(0).sum(-1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------------------------------

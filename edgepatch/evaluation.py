@@ -39,7 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str, suggest
-from edgepatch.scores import EdgeScores
+from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = ["roc", "RocCurve", "plot_roc", "circuit_recovery"]
 
@@ -112,6 +112,7 @@ def roc(scores: EdgeScores, true_edges: Tensor | Iterable[str], by: str = "abs")
         raise EdgepatchError("roc needs EdgeScores (which carry their graph); wrap a tensor: EdgeScores(tensor, graph).")
     if not isinstance(scores, EdgeScores):
         raise EdgepatchError(f"scores must be EdgeScores; got {type(scores).__name__}.")
+    require_edge_scores(scores, "roc (a true circuit is a set of edges)")
     by = _resolve_by(scores, by)
     truth = _true_flat(scores, true_edges)
     n_pos = int(truth.sum())

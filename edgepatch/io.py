@@ -72,7 +72,7 @@ from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, ModelSpec, graph_from_spec
-from edgepatch.scores import EdgeScores
+from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = [
     "save_scores", "load_scores", "save_circuit", "load_circuit", "save_sweep", "load_sweep",
@@ -216,10 +216,11 @@ def save_scores(scores: EdgeScores, path: str | os.PathLike) -> None:
     tensors = {"scores": scores.scores}
     if scores.circuit_mask is not None:
         tensors["circuit_mask"] = scores.circuit_mask.bool().to(torch.uint8)
-    _write(path, "scores", tensors, {
-        "method": scores.method, "metric": scores.metric, "info": _jsonable(scores.info),
-        "graph": graph_to_dict(scores.graph),
-    })
+    meta = {"method": scores.method, "metric": scores.metric, "info": _jsonable(scores.info),
+            "graph": graph_to_dict(scores.graph)}
+    if scores.slots is not None:  # per-position scores
+        meta["slots"] = list(scores.slots)
+    _write(path, "scores", tensors, meta)
 
 
 def load_scores(path: str | os.PathLike, graph: Graph | None = None) -> EdgeScores:
@@ -227,8 +228,10 @@ def load_scores(path: str | os.PathLike, graph: Graph | None = None) -> EdgeScor
     tensors, meta = _read(path, "scores")
     g = _resolve_graph(meta.get("graph"), graph, path)
     mask = tensors.get("circuit_mask")
+    slots = meta.get("slots")
     return EdgeScores(tensors["scores"], g, method=meta.get("method", "unknown"), metric=meta.get("metric", ""),
-                      info=dict(meta.get("info") or {}), circuit_mask=None if mask is None else mask.bool())
+                      info=dict(meta.get("info") or {}), circuit_mask=None if mask is None else mask.bool(),
+                      slots=None if slots is None else tuple(slots))
 
 
 def save_circuit(mask: Tensor, path: str | os.PathLike, graph: Graph, name: str = "") -> None:
@@ -385,6 +388,7 @@ def to_mib_json(
     ({'score': 1.0, 'in_graph': True}, {'in_graph': True})
     """
     if isinstance(scores_or_mask, EdgeScores):
+        require_edge_scores(scores_or_mask, "to_mib_json (MIB's graph format has no positions)")
         graph = scores_or_mask.graph
         scores = scores_or_mask.scores
         mask = scores_or_mask.circuit_mask

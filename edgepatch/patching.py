@@ -547,28 +547,39 @@ class _Mix(torch.autograd.Function):
         return (g_mt, None, *group_grads)
 
 
+def accumulate_probe(acc: Tensor, buf: Tensor, g: Tensor, idx: Tensor, slots: Tensor | None) -> None:
+    """Attribution's contraction: ``acc[:n, idx] += sum over tokens of D_s . grad_h`` for the sources ``D``
+    (``buf``, ``[n, b, p, m]``) and the destinations' input gradients ``g`` (``[b, p, h, m]``). Per position
+    (``slots``, ``[b, p]`` slot of each token, -1: none; ``acc`` ``[n_slots, n_src, n_dest]``): each token's
+    products go to its slot's scores, at the cost of the plain contraction."""
+    n = buf.shape[0]
+    h = g.shape[2]
+    if slots is None:
+        acc[:n, idx] += (buf.reshape(n, -1) @ g.permute(2, 0, 1, 3).reshape(h, -1).T).to(acc.dtype)
+        return
+    per_token = torch.einsum("nbpm,bphm->bpnh", buf, g.to(buf.dtype)).reshape(-1, n * h)  # [tokens, n*h]
+    flat = slots.reshape(-1).to(per_token.device)
+    keep = flat >= 0
+    summed = per_token.new_zeros(acc.shape[0], n * h).index_add_(0, flat[keep], per_token[keep])
+    acc[:, :n, idx] += summed.view(-1, n, h).to(acc.dtype)
+
+
 class _Probe(torch.autograd.Function):
     """Identity in the forward; in the backward, accumulate ``grad . D`` into ``acc[:n, idx]``: the
-    gradient of the metric w.r.t. the weights of these destinations' edges, at weights 1 (attribution)."""
+    gradient of the metric w.r.t. the weights of these destinations' edges, at weights 1 (attribution);
+    per position slot with ``slots`` (see :func:`accumulate_probe`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, acc: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor:  # type: ignore[override]
-        ctx.acc, ctx.buf, ctx.idx, ctx.n = acc, buf, idx, n
+    def forward(ctx: Any, x: Tensor, acc: Tensor, buf: Tensor, idx: Tensor, n: int,  # type: ignore[override]
+                slots: Tensor | None = None) -> Tensor:
+        ctx.acc, ctx.buf, ctx.idx, ctx.n, ctx.slots = acc, buf, idx, n, slots
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
-        n, buf = ctx.n, ctx.buf  # buf [n, b, p, m]
         g = grad if grad.ndim == 4 else grad.unsqueeze(2)  # [b, p, h, m]
-        h = g.shape[2]
-        if ctx.acc.ndim == 2:
-            gh = g.permute(2, 0, 1, 3).reshape(h, -1)  # [h, X]
-            contrib = buf.reshape(n, -1) @ gh.T  # [n, h]
-            ctx.acc[:n, ctx.idx] += contrib.to(ctx.acc.dtype)
-        else:  # per position: acc [pos, n_src, n_dest]
-            contrib = torch.einsum("bphm,nbpm->pnh", g, buf)
-            ctx.acc[:, :n, ctx.idx] += contrib.to(ctx.acc.dtype)
-        return grad, None, None, None, None
+        accumulate_probe(ctx.acc, ctx.buf[: ctx.n], g, ctx.idx, ctx.slots)
+        return grad, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -769,7 +780,8 @@ class _Engine:
         self.abl_kind = ablation.kind
         self.abl_proj = ablation.projections  # the corrupted run's q/k/v (projection mode), or None
         self.slots = slots  # per-token weight slots [batch, pos] (per-position weights) or None
-        self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [pos, ...])
+        self.probe: Tensor | None = None  # attribution: scores accumulator [n_src, n_dest] (or [slots, ...])
+        self.probe_slots: Tensor | None = None  # attribution per position: each token's slot [batch, pos]
         self.n_circuits = 0
         self.plan = dest_groups(graph)
         # The residual stream receives a normalization of the heads' sum (Gemma 2/3): heads do not cancel.
@@ -1051,7 +1063,7 @@ class _Engine:
                 return None
             idx_d = idx.to(W.device)
             if self.probe is not None:
-                return _Probe.apply(x, self.probe, buf[:n], idx_d, n)
+                return _Probe.apply(x, self.probe, buf[:n], idx_d, n, self.probe_slots)
             if self.sparse:
                 partial = self.partials.pop(int(idx[0]), None)
                 if partial is not None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, suggest
 from edgepatch.graph import Graph
-from edgepatch.scores import EdgeScores
+from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = ["plot_faithfulness", "plot_circuit", "plot_roc", "save_figure"]
 
@@ -209,6 +209,7 @@ def plot_circuit(
     """
     go = _go()
     if isinstance(scores_or_mask, EdgeScores):
+        require_edge_scores(scores_or_mask, "plot_circuit")
         graph = scores_or_mask.graph
         values = scores_or_mask.scores
         if k is None and scores_or_mask.circuit_mask is not None:

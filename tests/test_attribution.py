@@ -213,3 +213,77 @@ def test_eap_with_kl_warns_that_its_gradient_is_zero():
     v = g.valid
     assert s.scores[v].abs().max() <= 1e-5 * max(1.0, float(ig.scores[v].abs().max()))
     assert ig.scores[v].abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-position scores
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [("tiny", "hooked"), ("tiny", "bridge"), ("tiny-gqa", "bridge"),
+                                  ("tiny-parallel", "hooked")])
+@pytest.mark.parametrize("split", [True, False])
+def test_per_position_eap_equals_autograd_through_per_position_patching(case, split):
+    """Per-position EAP: -dMetric/dW at W = 1 for weights W [n_slots, n_src, n_dest] patched with the same
+    positions (autograd through patch), for named slots with tokens in no slot (-1) and for absolute
+    positions; the slots of absolute positions sum to plain EAP; EAP-IG with one step equals EAP."""
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    data = data_for(model)
+    n, p = data.clean.shape
+    slots = torch.randint(-1, 3, (n, p), generator=torch.Generator().manual_seed(1))
+    met = get_metric("logit_diff")
+    abl = ep.source_activations(model, g, data.corrupt)
+    for positions, names in ((slots, ["IO", "S", "END"]), ("absolute", None)):
+        s = eap(model, g, data, "logit_diff", batch_size=4, progress=False, positions=positions, slot_names=names)
+        S = 3 if names else p
+        assert s.scores.shape == (S, g.n_src, g.n_dest) and s.slots == tuple(names or map(str, range(p)))
+        W = torch.ones(S, g.n_src, g.n_dest, requires_grad=True)
+        with ep.patch(model, g, W, abl, positions=positions):
+            met(model(data.clean), data).mean().backward()
+        ref, v = -W.grad, g.valid.expand(S, -1, -1)
+        assert torch.allclose(s.scores[v], ref[v], rtol=1e-5, atol=1e-6 * float(ref[v].abs().max()))
+        assert float(ref[v].abs().max()) > 1e-4
+        for variant in ("inputs", "activations"):
+            ig = eap_ig(model, g, data, "logit_diff", steps=1, variant=variant, batch_size=4, progress=False,
+                        positions=positions, slot_names=names)
+            assert torch.allclose(ig.scores[v], s.scores[v], rtol=1e-5, atol=1e-6 * float(ref[v].abs().max()))
+    plain = eap(model, g, data, "logit_diff", batch_size=4, progress=False).scores[g.valid]
+    assert torch.allclose(s.scores.nan_to_num(0).sum(0)[g.valid], plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()))
+
+
+def test_per_position_scores_rank_slot_edge_pairs():
+    """Per-position scores rank (slot, edge) pairs: names ``edge@slot``, circuits ``[n_slots, n_src, n_dest]``
+    for patch(positions=...), one slot as edge scores, and clear errors where positions make no sense."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model)
+    slots = torch.zeros_like(data.clean)
+    slots[:, -1] = 1
+    s = attribute(model, g, data, method="eap", positions=slots, slot_names=["prefix", "end"], progress=False)
+    assert s.per_position and s.n_items == 2 * g.n_edges and "2 position slots" in repr(s)
+    flat = s.flat
+    assert torch.equal(flat[: g.n_edges].nan_to_num(0), s.scores[0][g.valid].nan_to_num(0))  # slot-major
+    best = s.top_k(3)
+    order = flat.abs().argsort(descending=True)[:3].tolist()
+    assert [name for name, _ in best] == [s.item_names[i] for i in order]
+    assert all("@" in name for name, _ in best)
+    c = s.circuit(5)
+    assert c.shape == (2, g.n_src, g.n_dest) and int(c.sum()) == 5 and not bool((c & ~g.valid).any())
+    assert torch.equal(s.circuits([2, 5])[1], c) and bool((s.circuits([2, 5])[0] <= c).all())
+    end = s.slot("end")
+    assert torch.equal(end.scores.nan_to_num(0), s.scores[1].nan_to_num(0)) and not end.per_position
+    assert s.to_dict()[f"{g.edge_names[0]}@end"] == pytest.approx(float(s.scores[1][tuple(g.edge_index[0])]))
+    abl = ep.source_activations(model, g, data.corrupt)
+    with ep.patch(model, g, c.float(), abl, positions=slots), torch.no_grad():
+        model(data.clean)  # a per-position circuit is per-position weights
+    with pytest.raises(EdgepatchError, match="prune=True: MIB's pruning"):
+        s.circuit(5, prune=True)
+    with pytest.raises(EdgepatchError, match="Unknown slot 'END'"):
+        s.slot("END")
+    with pytest.raises(EdgepatchError, match="to_mib_json .* not per-position scores"):
+        ep.io.to_mib_json(s)
+    with pytest.raises(EdgepatchError, match=r"positions has shape \[6, 3\]; expected \[n_prompts, pos\]"):
+        eap(model, g, data, positions=slots[:, :3], progress=False)
+    with pytest.raises(EdgepatchError, match="slot_names must give one distinct name per slot"):
+        eap(model, g, data, positions=slots, slot_names=["only one"], progress=False)
+    with pytest.raises(EdgepatchError, match="method='exact' has no option 'positions'"):
+        attribute(model, g, data, method="exact", positions=slots)

@@ -250,3 +250,13 @@ def test_mib_edge_names_for_attention_only_models_skip_mlps():
     d = to_mib_json(random_scores(graph, with_mask=False))
     d["edges"]["a0.h0->m0"] = {"score": 1.0, "in_graph": True}  # EAP-IG graphs always have MLPs: ignored
     assert from_mib_json(d, graph).circuit_mask is None
+
+
+def test_per_position_scores_round_trip(tmp_path):
+    g = build_graph(cached_model("tiny", "hooked"))
+    s = EdgeScores(torch.randn(3, g.n_src, g.n_dest), g, method="eap", slots=("IO", "S", "END"))
+    save_scores(s, tmp_path / "pos")
+    back = load_scores(tmp_path / "pos")
+    assert back.slots == ("IO", "S", "END")
+    assert torch.equal(back.scores.nan_to_num(0), s.scores.nan_to_num(0))
+    assert back.top_k(4) == s.top_k(4)
