@@ -132,7 +132,8 @@ def edge_counts(
     >>> edge_counts(graph, "mib")
     [0, 0, 0, 1, 2, 5, 11, 22, 55, 110]
     """
-    n_edges = graph.n_edges
+    # per-position scores rank (slot, edge) pairs: counts are counts of those
+    n_edges = scores.n_items if isinstance(scores, EdgeScores) else graph.n_edges
     if isinstance(spec, str):
         if spec == "all":
             return list(range(1, n_edges + 1))
@@ -453,10 +454,11 @@ class _Plan:
     1..D: random draws); item ``(o, k)`` keeps ``rank < k`` (sufficiency) or ``rank >= k`` (necessity);
     ``(-1, 0)`` is the all-ablated circuit (for ablations other than the corrupted run)."""
 
-    ranks: Tensor  # [n_orders, n_edges] long
+    ranks: Tensor  # [n_orders, n_items] long (n_items: edges, or (slot, edge) pairs per position)
     items: list[tuple[int, int]]
     index: dict[tuple[int, int], int]
     prune: bool = False  # evaluate each circuit's connected part (edgepatch.prune_circuit)
+    n_slots: int = 0  # per-position circuits: the slots of (slot, edge) pairs (0: edge circuits)
 
 
 def sweep(
@@ -478,6 +480,7 @@ def sweep(
     progress: bool = True,
     ties: Literal["break", "include"] = "break",
     prune: bool = False,
+    positions: Any = None,
 ) -> SweepResult:
     """Evaluate the circuits of ``scores`` at several edge counts (see the module docstring).
 
@@ -496,6 +499,12 @@ def sweep(
     connected part, as MIB does (:func:`edgepatch.prune_circuit`, applied to the kept edges); the x
     axis stays the requested counts and ``result.info["pruned_counts"]`` holds the edges left (MIB's
     ``weighted_edge_counts``). With the corrupted-run ablation the values are the same either way.
+
+    Per-position scores (``attribute(..., positions=...)``) need the same ``positions`` here (``"absolute"``
+    or the ``[n_prompts, pos]`` slot tensor): circuits are then the top ``k`` (slot, edge) pairs, patched
+    with per-position weights (tokens in no slot, -1, keep every edge), counts count those pairs
+    (``n_edges`` of the result is ``n_slots x n_edges``), and ``ablated`` is the empty circuit's metric
+    (the corrupted run's only where every token has a slot).
 
     Returns a :class:`SweepResult`; runs under ``torch.no_grad()`` and leaves the model as it was.
 
@@ -528,6 +537,21 @@ def sweep(
         raise EdgepatchError(f"prune must be True or False; got {prune!r}.")
     if prune and graph.level != "edge":
         raise EdgepatchError(f"prune=True needs an edge-level graph; got {graph!r} (level={graph.level!r}).")
+    from edgepatch.attribution import position_slots
+
+    if scores.per_position and positions is None:
+        raise EdgepatchError(
+            f"These scores are per position ({len(scores.slots or ())} slots {list(scores.slots or ())}); give the "
+            f"positions they were computed with: sweep(..., positions=...)."
+        )
+    if positions is not None and not scores.per_position:
+        raise EdgepatchError(
+            "positions= evaluates per-position circuits, but these are edge scores; compute per-position scores "
+            "with ep.attribute(..., positions=...), or leave positions out."
+        )
+    if positions is not None and prune:
+        raise EdgepatchError("prune=True: MIB's pruning is defined for circuits of edges, not of (position, edge) pairs.")
+    slots, _ = position_slots(positions, data, scores.slots) if positions is not None else (None, None)
     if ties not in TIES:
         raise EdgepatchError(f"Unknown ties {ties!r}.{suggest(str(ties), TIES)} Expected 'break' or 'include'.")
     scores.ranking_key(by)  # validates `by`
@@ -542,7 +566,7 @@ def sweep(
     mname = _metric_name(metric, resolved)
     spec_name = counts if isinstance(counts, str) else "list"
     requested = edge_counts(graph, counts, scores=scores, by=by)
-    n_edges = graph.n_edges
+    n_edges = scores.n_items  # edges, or (slot, edge) pairs per position
 
     # ---- ablation --------------------------------------------------------------------------------------
     from edgepatch.attribution import ABLATIONS, AblationSource
@@ -586,14 +610,19 @@ def sweep(
         r = torch.empty_like(perm)
         r[perm] = torch.arange(n_edges)
         ranks.append(r)
+    # every edge kept is the clean run; every edge ablated the corrupted run (not per position where a token
+    # has no slot: its edges stay): the empty circuit is then evaluated like the others
+    all_slotted = slots is None or bool((slots >= 0).all())
+    empty_is_corrupt = abl_kind == "corrupt" and all_slotted
     trivial = {0, n_edges}
     items: list[tuple[int, int]] = []
-    if abl_kind != "corrupt":
+    if not empty_is_corrupt:
         items.append((-1, 0))
     for o in range(len(ranks)):
         for k in sorted(set(effective) - trivial):
             items.append((o, k))
-    plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)}, prune)
+    plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)}, prune,
+                 0 if scores.slots is None else len(scores.slots))
 
     fingerprint = {
         "version": _FORMAT_VERSION,
@@ -606,6 +635,10 @@ def sweep(
     }
     if prune:  # (absent when False, so progress saved before the option existed still resumes)
         fingerprint["prune"] = True
+    if slots is not None:
+        h = hashlib.sha256()
+        _hash_tensor(h, slots)
+        fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": h.hexdigest()[:16]}
 
     # ---- state (possibly resumed) ------------------------------------------------------------------------
     n_prompts = len(data)
@@ -663,12 +696,13 @@ def sweep(
         with torch.no_grad():
             for sl, pos, chunks in work:
                 _run_batch(model, graph, data, sl, pos, fast, resolved, needs_clean, abl_kind, fixed, plan,
-                           direction, n_edges, chunks, state, save_state, bar)
+                           direction, n_edges, chunks, state, save_state, bar,
+                           None if slots is None else slots[sl, :pos])
     finally:
         bar.close()
 
     # ---- assemble ----------------------------------------------------------------------------------------
-    if abl_kind != "corrupt":
+    if not empty_is_corrupt:
         state["ablated"] = state["values"][plan.index[(-1, 0)]].clone()
 
     def row(o: int, k: int) -> Tensor:
@@ -688,6 +722,8 @@ def sweep(
         higher_is_better=bool(getattr(resolved, "higher_is_better", True)), counts_spec=spec_name, graph=graph,
         info={"seed": seed, "random_baseline": random_baseline, "scores_metric": scores.metric},
     )
+    if scores.slots is not None:
+        result.info["slots"] = list(scores.slots)
     if prune:
         result.info["prune"] = True
         result.info["pruned_counts"] = [
@@ -746,8 +782,10 @@ def _run_batch(
     model: Any, graph: Graph, data: PromptPairs, sl: slice, pos: int, fast: bool, resolved: Any,
     needs_clean: bool, abl_kind: str, fixed: Ablation | None, plan: _Plan, direction: str, n_edges: int,
     chunks: list[list[int]], state: dict[str, Tensor], save_state: Callable[[], None], bar: Any,
+    slots: Tensor | None = None,
 ) -> None:
-    """One batch of prompts: clean forward, ablation (and ablated metric), then the pending circuit chunks."""
+    """One batch of prompts: clean forward, ablation (and ablated metric), then the pending circuit chunks
+    (``slots``: the batch's position slots, for per-position circuits)."""
     device = next(model.parameters()).device
     batch = data[sl].to(device)
     b = len(batch)
@@ -784,15 +822,15 @@ def _run_batch(
         bar.update(1)
         for chunk in chunks:
             _evaluate_chunk(model, graph, clean_tok, abl, m, mdata, ap, plan, chunk=chunk, direction=direction, b=b,
-                            sl=sl, state=state)
+                            sl=sl, state=state, slots=slots)
             save_state()
             bar.update(1)
 
 
 def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:
     """``[C, n_src, n_dest]`` 0/1 weights (1 = kept) of the chunk's circuits (``plan.prune``: their
-    connected parts)."""
-    keep = torch.zeros(len(chunk), graph.n_edges, dtype=torch.bool)
+    connected parts); per position ``[C, n_slots, n_src, n_dest]``."""
+    keep = torch.zeros(len(chunk), plan.ranks.shape[1], dtype=torch.bool)
     for j, i in enumerate(chunk):
         o, k = plan.items[i]
         if o < 0:
@@ -801,18 +839,33 @@ def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str
         keep[j] = top if direction == "sufficiency" else ~top
     if plan.prune:
         return prune_circuit(graph, graph.from_edges(keep, fill=False).bool()).float()
+    if plan.n_slots:
+        keep = keep.view(len(chunk), plan.n_slots, graph.n_edges)
     return graph.from_edges(keep.float())
 
 
 def _evaluate_chunk(
     model: Any, graph: Graph, tokens: Tensor, abl: Ablation, metric: Any, mdata: PromptPairs, ap: Tensor | None,
     plan: _Plan, chunk: list[int], direction: str, b: int, sl: slice, state: dict[str, Tensor],
+    slots: Tensor | None = None,
 ) -> None:
-    """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded)."""
+    """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded).
+    Per position, circuit j's rows use the slots ``j * n_slots + slot``, so that all circuits' per-position
+    weights are one slot table."""
     c = len(chunk)
     W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
-    with patch(model, graph, W[0] if c == 1 else W, abl):
-        logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
+    if slots is not None:
+        S = plan.n_slots
+        offsets = (torch.arange(c) * S).repeat_interleave(b).view(-1, 1)
+        rows = slots.repeat(c, 1)
+        table = torch.where(rows >= 0, rows + offsets, rows).to(tokens.device)
+        if c > 1 and abl.values.shape[1] > 1:  # per-prompt ablated values, repeated for every circuit's rows
+            abl = abl._map(lambda v: v.repeat(1, c, 1, 1), lambda v: v.repeat(c, 1, 1, 1))
+        with patch(model, graph, W.reshape(c * S, graph.n_src, graph.n_dest), abl, positions=table):
+            logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
+    else:
+        with patch(model, graph, W[0] if c == 1 else W, abl):
+            logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
     for j, i in enumerate(chunk):
         vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()
         state["values"][i, sl] = vals

@@ -448,3 +448,71 @@ def test_fast_path_falls_back_when_the_unembedding_cannot_be_sliced(monkeypatch)
     slow = sweep(model, graph, scores, data, counts=[4, 40], metric="kl_div", progress=False)
     torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.ablated, slow.ablated, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-position circuits
+# ------------------------------------------------------------------------------------------------------
+def _reference_positions(model, graph, data, masks, positions, ablation="corrupt", direction="sufficiency"):
+    """One plain ep.patch forward per per-position circuit ([n_slots, n_src, n_dest] masks)."""
+    if ablation == "corrupt":
+        abl = ep.source_activations(model, graph, data.corrupt)
+    else:
+        abl = ep.mean_activations(model, graph, data.clean, data.attention_mask)
+    m = get_metric("logit_diff")
+    out = []
+    with torch.no_grad():
+        for mask in masks:
+            keep = mask if direction == "sufficiency" else ~mask
+            with ep.patch(model, graph, (keep & graph.valid).float(), abl, positions=positions):
+                out.append(m(model(data.clean), data).double())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+@pytest.mark.parametrize("direction, ablation, per_forward", [("sufficiency", "corrupt", 3), ("necessity", "mean", 1),
+                                                              ("sufficiency", "mean", 2)])
+def test_per_position_circuits_equal_one_by_one_patching(cls, direction, ablation, per_forward):
+    """Per-position scores sweep the top k (slot, edge) pairs, each circuit patched with per-position weights;
+    circuits folded into one forward get their own slots. Tokens in no slot (-1) keep every edge, so the
+    empty circuit is evaluated, not taken from the corrupted run; with every token in a slot it is that run
+    (test_per_position_sweep_with_absolute_positions_and_errors)."""
+    model, graph, data, _ = setup(cls=cls)
+    n, p = data.clean.shape
+    slots = torch.randint(-1, 2, (n, p), generator=torch.Generator().manual_seed(3))
+    slots[:, -1] = 1  # the answer position has a slot, but not in prompt 0
+    slots[0, -1] = -1
+    scores = ep.attribute(model, graph, data, method="eap", positions=slots, slot_names=["a", "b"], progress=False)
+    counts = [1, 7, 30, 2 * graph.n_edges - 5]
+    r = sweep(model, graph, scores, data, counts=counts, direction=direction, ablation=ablation, batch_size=4,
+              max_circuits_per_forward=per_forward, positions=slots, random_baseline=1, progress=False)
+    ref = _reference_positions(model, graph, data, scores.circuits(counts), slots, ablation, direction)
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    assert r.n_edges == 2 * graph.n_edges and r.info["slots"] == ["a", "b"]
+    empty = _reference_positions(model, graph, data, [torch.zeros(2, graph.n_src, graph.n_dest, dtype=torch.bool)],
+                                 slots, ablation)[0]
+    torch.testing.assert_close(r.ablated, empty, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = get_metric("logit_diff")(model(data.clean), data).double()
+    torch.testing.assert_close(r.clean, plain, atol=1e-4, rtol=0)
+    if ablation == "corrupt":  # prompt 0's answer token keeps its edges into the logits: not the corrupted run
+        with torch.no_grad():
+            corrupted = get_metric("logit_diff")(model(data.corrupt), data).double()
+        assert float((r.ablated[0] - corrupted[0]).abs()) > 1e-3
+
+
+def test_per_position_sweep_with_absolute_positions_and_errors():
+    model, graph, data, edge_scores = setup()
+    scores = ep.attribute(model, graph, data, method="eap", positions="absolute", progress=False)
+    r = sweep(model, graph, scores, data, counts=[3, 50], positions="absolute", batch_size=4, progress=False)
+    ref = _reference_positions(model, graph, data, scores.circuits([3, 50]), "absolute")
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # every token has a slot: the empty circuit is the corrupted run
+        corrupted = get_metric("logit_diff")(model(data.corrupt), data).double()
+    torch.testing.assert_close(r.ablated, corrupted, atol=1e-4, rtol=0)
+    with pytest.raises(EdgepatchError, match="These scores are per position .* sweep\\(..., positions=...\\)"):
+        sweep(model, graph, scores, data, counts=[3], progress=False)
+    with pytest.raises(EdgepatchError, match="positions= evaluates per-position circuits, but these are edge scores"):
+        sweep(model, graph, edge_scores, data, counts=[3], positions="absolute", progress=False)
+    with pytest.raises(EdgepatchError, match="prune=True"):
+        sweep(model, graph, scores, data, counts=[3], positions="absolute", prune=True, progress=False)
