@@ -83,6 +83,8 @@ class Ablation:
     ``[batch, pos, heads, d_head]``. A head input whose edges are all ablated reads exactly what it read
     in the corrupted run, so the patched forward takes its projection from here instead of recomputing it;
     likewise an MLP whose input edges are all ablated takes its output from ``values`` (kind "corrupt").
+    (Not in models whose heads do not add up to what the residual stream receives, Gemma 2/3 and OLMo 2:
+    there such an input is not the corrupted run's, and the engine computes it.)
     Both assume the values are this model's run on the corrupted prompts: recompute them after changing
     the model's weights."""
 
