@@ -537,7 +537,7 @@ def sweep(
         raise EdgepatchError(f"prune must be True or False; got {prune!r}.")
     if prune and graph.level != "edge":
         raise EdgepatchError(f"prune=True needs an edge-level graph; got {graph!r} (level={graph.level!r}).")
-    from edgepatch.attribution import position_slots
+    from edgepatch.attribution import ABLATIONS, AblationSource, position_slots
 
     if scores.per_position and positions is None:
         raise EdgepatchError(
@@ -569,8 +569,6 @@ def sweep(
     n_edges = scores.n_items  # edges, or (slot, edge) pairs per position
 
     # ---- ablation --------------------------------------------------------------------------------------
-    from edgepatch.attribution import ABLATIONS, AblationSource
-
     if isinstance(ablation, Ablation):
         abl_kind = ablation.kind
         if ablation.n_src != graph.n_src:
@@ -854,18 +852,19 @@ def _evaluate_chunk(
     weights are one slot table."""
     c = len(chunk)
     W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
+    table = None
     if slots is not None:
         S = plan.n_slots
         offsets = (torch.arange(c) * S).repeat_interleave(b).view(-1, 1)
         rows = slots.repeat(c, 1)
         table = torch.where(rows >= 0, rows + offsets, rows).to(tokens.device)
+        W = W.reshape(c * S, graph.n_src, graph.n_dest)
         if c > 1 and abl.values.shape[1] > 1:  # per-prompt ablated values, repeated for every circuit's rows
             abl = abl._map(lambda v: v.repeat(1, c, 1, 1), lambda v: v.repeat(c, 1, 1, 1))
-        with patch(model, graph, W.reshape(c * S, graph.n_src, graph.n_dest), abl, positions=table):
-            logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
-    else:
-        with patch(model, graph, W[0] if c == 1 else W, abl):
-            logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
+    elif c == 1:
+        W = W[0]
+    with patch(model, graph, W, abl, positions=table):
+        logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
     for j, i in enumerate(chunk):
         vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()
         state["values"][i, sl] = vals

@@ -40,8 +40,10 @@ def setup(preset="tiny", cls="hooked", level="edge", split_qkv=True, n=6, seed=1
     return model, graph, data, scores
 
 
-def reference(model, graph, data, masks, metric="logit_diff", ablation="corrupt", direction="sufficiency"):
-    """One plain ep.patch forward per circuit on the full batch and full logits."""
+def reference(model, graph, data, masks, metric="logit_diff", ablation="corrupt", direction="sufficiency",
+              positions=None):
+    """One plain ep.patch forward per circuit on the full batch and full logits (per-position circuits,
+    ``[n_slots, n_src, n_dest]`` masks, with ``positions``)."""
     if ablation == "corrupt":
         abl = ep.source_activations(model, graph, data.corrupt)
     elif ablation == "zero":
@@ -55,7 +57,7 @@ def reference(model, graph, data, masks, metric="logit_diff", ablation="corrupt"
             m = m.prepare(model(data.clean))
         for mask in masks:
             keep = mask if direction == "sufficiency" else ~mask
-            with ep.patch(model, graph, (keep & graph.valid).float(), abl):
+            with ep.patch(model, graph, (keep & graph.valid).float(), abl, positions=positions):
                 out.append(m(model(data.clean), data).double())
     return torch.stack(out)
 
@@ -453,22 +455,6 @@ def test_fast_path_falls_back_when_the_unembedding_cannot_be_sliced(monkeypatch)
 # ------------------------------------------------------------------------------------------------------
 # Per-position circuits
 # ------------------------------------------------------------------------------------------------------
-def _reference_positions(model, graph, data, masks, positions, ablation="corrupt", direction="sufficiency"):
-    """One plain ep.patch forward per per-position circuit ([n_slots, n_src, n_dest] masks)."""
-    if ablation == "corrupt":
-        abl = ep.source_activations(model, graph, data.corrupt)
-    else:
-        abl = ep.mean_activations(model, graph, data.clean, data.attention_mask)
-    m = get_metric("logit_diff")
-    out = []
-    with torch.no_grad():
-        for mask in masks:
-            keep = mask if direction == "sufficiency" else ~mask
-            with ep.patch(model, graph, (keep & graph.valid).float(), abl, positions=positions):
-                out.append(m(model(data.clean), data).double())
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("cls", ["hooked", "bridge"])
 @pytest.mark.parametrize("direction, ablation, per_forward", [("sufficiency", "corrupt", 3), ("necessity", "mean", 1),
                                                               ("sufficiency", "mean", 2)])
@@ -486,11 +472,12 @@ def test_per_position_circuits_equal_one_by_one_patching(cls, direction, ablatio
     counts = [1, 7, 30, 2 * graph.n_edges - 5]
     r = sweep(model, graph, scores, data, counts=counts, direction=direction, ablation=ablation, batch_size=4,
               max_circuits_per_forward=per_forward, positions=slots, random_baseline=1, progress=False)
-    ref = _reference_positions(model, graph, data, scores.circuits(counts), slots, ablation, direction)
+    ref = reference(model, graph, data, scores.circuits(counts), ablation=ablation, direction=direction,
+                    positions=slots)
     torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
     assert r.n_edges == 2 * graph.n_edges and r.info["slots"] == ["a", "b"]
-    empty = _reference_positions(model, graph, data, [torch.zeros(2, graph.n_src, graph.n_dest, dtype=torch.bool)],
-                                 slots, ablation)[0]
+    empty = reference(model, graph, data, [torch.zeros(2, graph.n_src, graph.n_dest, dtype=torch.bool)],
+                      ablation=ablation, positions=slots)[0]
     torch.testing.assert_close(r.ablated, empty, atol=1e-4, rtol=0)
     with torch.no_grad():
         plain = get_metric("logit_diff")(model(data.clean), data).double()
@@ -505,7 +492,7 @@ def test_per_position_sweep_with_absolute_positions_and_errors():
     model, graph, data, edge_scores = setup()
     scores = ep.attribute(model, graph, data, method="eap", positions="absolute", progress=False)
     r = sweep(model, graph, scores, data, counts=[3, 50], positions="absolute", batch_size=4, progress=False)
-    ref = _reference_positions(model, graph, data, scores.circuits([3, 50]), "absolute")
+    ref = reference(model, graph, data, scores.circuits([3, 50]), positions="absolute")
     torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
     with torch.no_grad():  # every token has a slot: the empty circuit is the corrupted run
         corrupted = get_metric("logit_diff")(model(data.corrupt), data).double()
