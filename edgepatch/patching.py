@@ -813,6 +813,7 @@ class _Engine:
         self.filled = 0
         self.inactive = False  # no destination changes in this forward: skip all work
         self.sparse = False  # no gradient needed: gather only the sources a hook uses
+        self.tok_slot: Tensor | None = None  # no gradient, per position: each token's slot of W, flattened
         self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form; lazy)
         self.resid: dict[int, Tensor] = {}  # projection mode: each layer's input residual
         self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
@@ -969,7 +970,7 @@ class _Engine:
         self.W = W
         self.batch = b
         self.cache: dict[str, Tensor] | None = None
-        if (self.proj is not None and self.abl_proj is not None and self.slots is None and not W.requires_grad
+        if (self.proj is not None and self.abl_proj is not None and not W.requires_grad
                 and self.heads_add_up):  # (see __init__)
             some = next(iter(self.abl_proj.values()))
             if some.shape[1] == p and some.shape[0] * max(self.n_circuits, 1) == b:
@@ -978,16 +979,23 @@ class _Engine:
                 self.cache = self.abl_proj
         needs_grad = torch.is_grad_enabled() and (W.requires_grad or x.requires_grad or self.abl.requires_grad)
         if not needs_grad and self.probe is None:
-            if self.slots is None and bool((W[..., self.g.valid.to(W.device)] == 1).all()):
-                self.inactive = True  # all edges kept: the plain forward, nothing to record
+            if bool((W[..., self.g.valid.to(W.device)] == 1).all()):
+                self.inactive = True  # all edges kept (in every slot): the plain forward, nothing to record
                 return
-            self.sparse = self.slots is None
-            if self.sparse:
-                self.prefix_sums[0] = x.new_zeros(b, p, m)
-                # token-major storage: the mixing products are then one batched product per token
-                # ([h, k] @ [k, d_model]), about twice as fast on CPU as one [h, k] @ [k, batch*pos*d_model]
-                self.buf = self._scratch("differences", x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
-                return
+            self.sparse = True
+            if self.slots is not None:
+                # per position: each token mixes with its slot's weights; an unpatched token (-1) gets a
+                # slot of ones of its own
+                slots = self.slots.to(W.device)
+                if bool((slots < 0).any()):
+                    self.W = W = torch.cat([W, W.new_ones(1, *W.shape[1:])])
+                    slots = torch.where(slots < 0, W.shape[0] - 1, slots)
+                self.tok_slot = slots.reshape(-1)
+            self.prefix_sums[0] = x.new_zeros(b, p, m)
+            # token-major storage: the mixing products are then one batched product per token
+            # ([h, k] @ [k, d_model]), about twice as fast on CPU as one [h, k] @ [k, batch*pos*d_model]
+            self.buf = self._scratch("differences", x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
+            return
         self.buf = x.new_empty(self.g.n_src, b, p, m)
 
     def _scratch(self, name: str, x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -1083,9 +1091,9 @@ class _Engine:
 
     # -- MLPs whose output is known -------------------------------------------------------------------
     def _mlp_skipped(self, layer: int) -> Tensor | None:
-        """Per circuit (one entry without circuits folded into the batch), whether the layer's MLP output
-        is not computed but taken as its ablated value ``â``; None where every circuit computes it. Without
-        gradients, that is exact (to rounding) where
+        """Per circuit (one entry without circuits folded into the batch; per batch row with per-position
+        weights), whether the layer's MLP output is not computed but taken as its ablated value ``â``; None
+        where every circuit computes it. Without gradients, that is exact (to rounding) where
 
         - no destination reads the output (every outgoing weight 0): each destination subtracts all of
           ``o - â`` from the residual, so ``o`` cancels and ``â`` takes its place, whatever the ablation;
@@ -1105,6 +1113,8 @@ class _Engine:
             if self.abl_kind == "corrupt" and self.heads_add_up:
                 Wc = W if W.ndim == 3 else W.unsqueeze(0)
                 silent |= (Wc[:, :n, d] == 0).all(-1)  # the corrupted-run input: the corrupted output
+            if self.tok_slot is not None:  # per position: batch rows whose every token's slot is silent
+                silent = silent[self.tok_slot].view(self.batch, -1).all(1)
             skip = silent if bool(silent.any()) and self._mlp_alone(layer) else None
         self.mlp_skip[layer] = skip
         return skip
@@ -1158,10 +1168,9 @@ class _Engine:
                 return x[:0]
             y = patched(module, inp, x)
             y = x if y is None else y
-            per = y.shape[0] // len(skip)
-            keep = (~skip).nonzero().flatten().tolist()
-            return torch.cat([y[c * per : (c + 1) * per] for c in keep]) if len(keep) > 1 else \
-                y[keep[0] * per : (keep[0] + 1) * per]
+            keep = (~skip).repeat_interleave(y.shape[0] // len(skip)).nonzero().flatten()  # batch rows
+            lo, hi = int(keep[0]), int(keep[-1]) + 1
+            return y[lo:hi] if hi - lo == len(keep) else y.index_select(0, keep.to(y.device))
 
         return hook
 
@@ -1176,16 +1185,14 @@ class _Engine:
                 record(module, inp, out)
                 return None
             b = self.batch
-            c = len(skip)
-            per = b // c
+            rows = skip.repeat_interleave(b // len(skip)).to(out.device)  # batch rows the MLP did not run on
             full = out.new_empty(b, *out.shape[1:])
-            j = 0
-            for i in range(c):
-                if bool(skip[i]):
-                    _put_ablated(full[i * per : (i + 1) * per], self.abl[src])
-                else:
-                    full[i * per : (i + 1) * per] = out[j : j + per]
-                    j += per
+            if out.shape[0]:
+                full.index_copy_(0, (~rows).nonzero().flatten(), out)
+            a = self.abl[src]  # [ab, ap, d_model]: a circuit's or slot's row i is prompt i % ab
+            a = a.expand(a.shape[0], *out.shape[1:])
+            idx = rows.nonzero().flatten()
+            full.index_copy_(0, idx, a.index_select(0, idx % a.shape[0]).to(out.dtype))
             record(module, inp, full)
             return full
 
@@ -1467,7 +1474,8 @@ class _Engine:
         while t0 < end:
             c, within = divmod(t0, per)
             t1 = min(t0 + _CHUNK_TOKENS, t0 - within + per)  # not past the circuit's last token
-            y = self._mixed(flat_r[t0:t1], Wh[c] if Wh.ndim == 3 else Wh, n, tokens=(t0, t1))[:, 0]  # [t, R', m]
+            Wc = Wh[c] if Wh.ndim == 3 and self.tok_slot is None else Wh
+            y = self._mixed(flat_r[t0:t1], Wc, n, tokens=(t0, t1))[:, 0]  # [t, R', m]
             for i in range(len(deferred)):
                 parts[i].view(T, m)[t0:t1] = y[:, R + i]
             if R:
@@ -1561,14 +1569,16 @@ class _Engine:
         y = x - r + partial
         if nd == n:
             return y
-        Wr = 1 - W[..., n:nd, :][..., idx[0]]  # [k] or [C, k]
+        Wr = 1 - W[..., n:nd, :][..., idx[0]]  # [k] or [C, k] (or [slots, k])
         if not bool(Wr.any()):
             return y
         store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]
         b, p, _, m = store.shape
         k = nd - n
         D = store[:, :, n:nd]
-        if Wr.ndim == 1:
+        if self.tok_slot is not None:  # each token its slot's weights
+            corr = torch.bmm(Wr[self.tok_slot].view(b * p, 1, k), D.reshape(b * p, k, m)).view(b, p, m)
+        elif Wr.ndim == 1:
             corr = torch.matmul(Wr.view(1, k), D.reshape(b * p, k, m)).view(b, p, m)
         else:
             c = Wr.shape[0]
@@ -1616,9 +1626,10 @@ class _Engine:
 
     def _mixed(self, r: Tensor, Wh: Tensor, n: int, tokens: tuple[int, int] | None = None) -> Tensor:
         """``r - sum_{s<n} (1 - w_sh) D_s`` for the ``h`` destinations of ``Wh`` (``[n, h]``, or
-        ``[C, n, h]`` with circuits), as ``[batch, pos, h, d_model]``. ``r`` is ``[b, p, d_model]`` (one
-        residual for all) or ``[b, p, h, d_model]``. No gradient. ``tokens``: only the tokens ``t0:t1``
-        of the flattened batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``."""
+        ``[C, n, h]`` with circuits, or ``[slots, n, h]`` per position, each token taking its slot's
+        weights), as ``[batch, pos, h, d_model]``. ``r`` is ``[b, p, d_model]`` (one residual for all) or
+        ``[b, p, h, d_model]``. No gradient. ``tokens``: only the tokens ``t0:t1`` of the flattened
+        batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``."""
         h = Wh.shape[-1]
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
@@ -1633,11 +1644,20 @@ class _Engine:
         store = own(self.buf.permute(1, 2, 0, 3))  # type: ignore[union-attr]  # [b, p, n_src, m]
         coef = Wh if additive else Wh - 1  # y = base + sum_s coef_s D_s
         dense = 2 * rows.numel() > n  # dense enough: multiply over the contiguous prefix, no gather copy
+        slot = self.tok_slot
+        if slot is not None and tokens is not None:
+            slot = slot[tokens[0] : tokens[1]]
         if r.device.type == "cpu":
-            edges = coef.nonzero()  # [E, 2] (source, destination) or [E, 3] (circuit, source, destination)
             k = n + 1 if dense else rows.numel() + 1
-            if _EDGE_COST * len(edges) + _COPY_COST * h < h * k + (0 if dense else _COPY_COST * 2 * k):
-                return self._mixed_by_edge(base, coef, edges, store)
+            product = h * k + (0 if dense else _COPY_COST * 2 * k)
+            if slot is not None:  # (source, destination) pairs, each token scaled by its slot's weight
+                pairs = coef.ne(0).any(0).nonzero()
+                if _SLOT_EDGE_COST * len(pairs) + _COPY_COST * h < product:
+                    return self._mixed_by_slot_edge(base, coef, pairs, store, slot)
+            else:
+                edges = coef.nonzero()  # [E, 2] (source, destination) or [E, 3] (circuit, source, destination)
+                if _EDGE_COST * len(edges) + _COPY_COST * h < product:
+                    return self._mixed_by_edge(base, coef, edges, store)
         if base.shape[2] == 1 and self.filled <= n < store.shape[2]:
             # The base joins the product as one more source with coefficient 1, in the store's row n
             # (source n is not computed yet; its hook overwrites the row): no separate pass adds it.
@@ -1656,7 +1676,12 @@ class _Engine:
             coef, D = coef.index_select(-2, rows), store.index_select(2, rows)
         k = D.shape[2]
         D = D.reshape(b * p, k, m)
-        coef = coef.transpose(-1, -2)  # [h, k] or [C, h, k]
+        coef = coef.transpose(-1, -2)  # [h, k] or [C, h, k] (or [slots, h, k])
+        if slot is not None:
+            coef = coef[slot]  # [b*p, h, k]: one product per token, as with shared weights
+            if base is None:
+                return torch.bmm(coef, D).view(b, p, h, m)
+            return torch.baddbmm(base.reshape(b * p, -1, m), coef, D).view(b, p, h, m)
         if coef.ndim == 2:
             if base is None:
                 return torch.matmul(coef, D).view(b, p, h, m)
@@ -1685,6 +1710,23 @@ class _Engine:
         yc, sc = y.unflatten(0, (c, b // c)), store.unflatten(0, (c, b // c))
         for (i, s, d), w in zip(edges.tolist(), values):
             yc[i, :, :, d].add_(sc[i, :, :, s], alpha=w)
+        return y
+
+    @staticmethod
+    def _mixed_by_slot_edge(base: Tensor, coef: Tensor, pairs: Tensor, store: Tensor, slot: Tensor) -> Tensor:
+        """:meth:`_mixed_by_edge` with per-position weights (``coef`` ``[slots, n, h]``, each token taking
+        its ``slot``'s): one scaled addition per (source, destination) pair with a nonzero coefficient in
+        some slot, each token scaled by its slot's coefficient."""
+        b, p, _, m = store.shape
+        h = coef.shape[-1]
+        y = base.expand(b, p, h, m).contiguous()
+        if y.data_ptr() == base.data_ptr():
+            y = y.clone()
+        s_idx, d_idx = pairs[:, 0], pairs[:, 1]
+        per_token = coef[:, s_idx, d_idx][slot].unsqueeze(-1)  # [b*p, pairs, 1]
+        yt, st = y.view(b * p, h, m), store.reshape(b * p, -1, m)
+        for j, (s, d) in enumerate(pairs.tolist()):
+            yt[:, d].addcmul_(st[:, s], per_token[:, j])
         return y
 
     def _prefix_sum(self, n: int) -> Tensor:
@@ -1716,6 +1758,7 @@ _CHUNK_TOKENS = 128  # see _Engine._mix_project_chunked
 # row, in units of one source x destination product of the matrix product (GPT-2 small, 2 threads)
 _EDGE_COST = 20
 _COPY_COST = 6
+_SLOT_EDGE_COST = 30  # the same with per-position weights (a scaled addition with a weight per token)
 
 
 def _put_ablated(dst: Tensor, a: Tensor) -> None:

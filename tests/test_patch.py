@@ -425,6 +425,17 @@ def _reference_with_values(model, g, W, clean, values):
         globals()["record_sources"] = original
 
 
+class _PerToken:
+    """Per-token weights ``[batch, pos, n_src, n_dest]`` indexed like the reference indexes ``W[s, d]``."""
+
+    def __init__(self, Wt):
+        self.Wt = Wt
+
+    def __getitem__(self, sd):
+        s, d = sd
+        return self.Wt[:, :, s, d].unsqueeze(-1)
+
+
 def _reference_circuits(model, g, Ws, clean, ablation):
     """The reference for each circuit of ``Ws`` (``[C, n_src, n_dest]``), concatenated as the batch of
     ``clean.repeat(C, 1)``; ``ablation``: the corrupted tokens, or a broadcasting Ablation."""
@@ -882,6 +893,45 @@ def test_mixing_edge_by_edge_agrees_with_the_product(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_per_position_mixing_edge_by_edge_agrees_with_the_product(case, monkeypatch):
+    """The same with per-position weights: each (source, destination) pair is added once, every token
+    scaled by its own slot's weight. Slots differ per token (-1: unpatched); forced either way, in one
+    token block and in blocks of 5, against the reference per token."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=47), tokens(model, batch=3, pos=6, seed=48)
+    abl = ep.source_activations(model, g, corrupt)
+    calls = []
+    original = patching._Engine._mixed_by_slot_edge
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patching._Engine, "_mixed_by_slot_edge", staticmethod(counted))
+    gen = torch.Generator().manual_seed(49)
+    slots = torch.randint(0, 3, (3, 6), generator=gen)
+    sparse = (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.2).float()
+    mixed = torch.where(sparse == 1, torch.rand(3, g.n_src, g.n_dest, generator=gen), 1 - sparse)
+    for Ws, unpatched in ((sparse, False), (mixed, False), (mixed, True)):
+        sl = slots.clone()
+        if unpatched:
+            sl[1, 2:4] = -1
+        Wt = torch.ones(3, 6, g.n_src, g.n_dest)
+        Wt[sl >= 0] = Ws[sl[sl >= 0]]
+        want = reference_patched(model, g, _PerToken(Wt), clean, corrupt)
+        for edge_cost, chunk in ((0, 128), (0, 5), (10**9, 128)):
+            monkeypatch.setattr(patching, "_SLOT_EDGE_COST", edge_cost)
+            monkeypatch.setattr(patching, "_COPY_COST", 0)
+            monkeypatch.setattr(patching, "_CHUNK_TOKENS", chunk)
+            calls.clear()
+            with ep.patch(model, g, Ws, abl, positions=sl), torch.no_grad():
+                got = model(clean)
+            assert (got - want).abs().max() <= ATOL, (edge_cost, chunk, unpatched)
+            assert bool(calls) == (edge_cost == 0), (edge_cost, chunk, unpatched)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
 def test_token_blocks_agree_with_one_block(case, monkeypatch):
     """Without gradients, a layer's attention inputs are mixed, normalized and projected block by block of
     tokens (never straddling two circuits folded into the batch). Blocks of 5 tokens (3 x 6 tokens per
@@ -1037,6 +1087,54 @@ def test_mlps_taken_as_ablated_where_their_output_is_known(case, monkeypatch):
         assert seen_rows == [clean.shape[0]], watched
         assert rows[0] == clean.shape[0] and rows[L - 1] == 0, watched  # only the watched MLP runs
         assert (got - want).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("case", [c for c in MODEL_CASES if c[0] != "tiny-attn-only"], ids=model_id)  # MLPs
+def test_per_position_mlps_taken_as_ablated_row_by_row(case, monkeypatch):
+    """Per-position weights as a per-position sweep folds them: each batch row holds one circuit, whose
+    slots give its last token and its other tokens their own weights. Without gradients, an MLP is not run
+    on the rows where the rules of the test above hold for the slot of every token of the row (never for a
+    row with an unpatched token, -1, which reads every source). Against the reference, per token."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    L = model.cfg.n_layers
+    b, p = 3, 6
+    clean, corrupt = tokens(model, batch=b, pos=p, seed=55), tokens(model, batch=b, pos=p, seed=56)
+    gen = torch.Generator().manual_seed(57)
+    rows = _record_mlp_rows(monkeypatch)
+    silent, deaf, both, zeros = _mlp_cases(g, gen, L)[:4]
+    base = (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.5).float()
+    # circuit c takes slots 2c (all but the last token) and 2c + 1 (the last token)
+    circuits = [(zeros, zeros), (silent, both), (deaf, deaf), (silent, base), (both, both)]
+    Ws = torch.stack([w for pair in circuits for w in pair])
+    C = len(circuits)
+    slots = torch.zeros(C * b, p, dtype=torch.long)
+    for c in range(C):
+        slots[c * b : (c + 1) * b, :-1], slots[c * b : (c + 1) * b, -1] = 2 * c, 2 * c + 1
+    slots[-1, 2] = -1  # the last circuit's last row: one token unpatched
+    Wt = torch.ones(C * b, p, g.n_src, g.n_dest)
+    Wt[slots >= 0] = Ws[slots[slots >= 0]]
+    toks, corrupt_toks = clean.repeat(C, 1), corrupt.repeat(C, 1)
+    corrupt_abl = ep.source_activations(model, g, corrupt_toks)
+    mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=p, seed=58))
+    for abl in (corrupt_abl, mean_abl):
+        if abl is corrupt_abl:
+            want = reference_patched(model, g, _PerToken(Wt), toks, corrupt_toks)
+        else:
+            want = _reference_with_values(model, g, _PerToken(Wt), toks, abl.values.expand(-1, C * b, p, -1))
+        rows.clear()
+        with ep.patch(model, g, Ws, abl, positions=slots), torch.no_grad():
+            got = model(toks)
+        assert (got - want).abs().max() <= ATOL, abl.kind
+        for layer in range(L):
+            src, dest = g.src_index(f"m{layer}"), g.dest_index(f"m{layer}")
+            skip = (Ws[:, src][:, g.valid[src]] == 0).all(-1)
+            if abl is corrupt_abl:
+                skip |= (Ws[:, : int(g.engine_graph.n_pred[dest]), dest] == 0).all(-1)
+            row_skip = torch.where(slots >= 0, skip[slots.clamp(min=0)], False).all(1)
+            assert rows[layer] == int((~row_skip).sum()), (abl.kind, layer)
+            if layer == 0:
+                assert 0 < rows[layer] < C * b, abl.kind  # the cases skip some rows and run others
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)

@@ -20,22 +20,12 @@ import torch
 import edgepatch as ep
 
 from conftest import MODEL_CASES, cached_model
-from test_patch import ATOL, _gemma2, _hf_bridge, _reference_with_values, _shortcut_cases, reference_patched, tokens
+from test_patch import (ATOL, _gemma2, _hf_bridge, _PerToken, _reference_with_values, _shortcut_cases, reference_patched,
+                        tokens)
 
 _HF = ["qwen2", "gptj", "bloom", "falcon", "gemma3", "olmo2", "opt", "phi", "gpt_bigcode", "cohere"]
 _MODELS = [("preset", c) for c in MODEL_CASES] + [("gemma2", c) for c in ("hooked", "bridge")] + [("hf", a) for a in _HF]
 N_TRIALS = 400
-
-
-class _PerToken:
-    """Per-token weights ``[batch, pos, n_src, n_dest]`` indexed like the reference indexes ``W[s, d]``."""
-
-    def __init__(self, Wt):
-        self.Wt = Wt
-
-    def __getitem__(self, sd):
-        s, d = sd
-        return self.Wt[:, :, s, d].unsqueeze(-1)
 
 
 _MODEL_CACHE: dict = {}
