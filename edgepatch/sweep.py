@@ -182,9 +182,15 @@ def edge_counts(
             )
         k = int(k)
         if not 0 <= k <= n_edges:
+            if isinstance(scores, EdgeScores) and scores.per_position:
+                has = (f"these per-position scores rank {n_edges:,} (position slot, edge) pairs "
+                       f"({len(scores.slots or ())} slots x {graph.n_edges:,} edges of {graph!r})")
+                what = "pairs"
+            else:
+                has, what = f"{graph!r} has {n_edges:,} edges", "edges"
             raise EdgepatchError(
-                f"counts[{i}] = {k} is out of range: {graph!r} has {n_edges:,} edges. Give counts in 0..{n_edges} "
-                f"or fractions of the edges in (0, 1)."
+                f"counts[{i}] = {k} is out of range: {has}. Give counts in 0..{n_edges} or fractions of the "
+                f"{what} in (0, 1)."
             )
         out.append(k)
     return out

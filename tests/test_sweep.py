@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -503,3 +504,11 @@ def test_per_position_sweep_with_absolute_positions_and_errors():
         sweep(model, graph, edge_scores, data, counts=[3], positions="absolute", progress=False)
     with pytest.raises(EdgepatchError, match="prune=True"):
         sweep(model, graph, scores, data, counts=[3], positions="absolute", prune=True, progress=False)
+    n_slots = data.pos
+    n = n_slots * graph.n_edges
+    assert scores.n_items == n
+    with pytest.raises(EdgepatchError, match=re.escape(
+            f"counts[0] = {n + 1} is out of range: these per-position scores rank {n:,} (position slot, edge) "
+            f"pairs ({n_slots} slots x {graph.n_edges:,} edges of {graph!r}). Give counts in 0..{n} or fractions "
+            f"of the pairs in (0, 1).")):
+        sweep(model, graph, scores, data, counts=[n + 1], positions="absolute", progress=False)
