@@ -304,8 +304,9 @@ def eap(
 
     Per-position scores, one per (position slot, edge), as :func:`edgepatch.patch` takes per-position
     weights: ``positions="absolute"`` (slot = token index; padding, ``attention_mask == 0``, is not
-    scored) or a ``[n_prompts, pos]`` integer tensor giving each token's slot (-1: none), e.g. the IO, S1, S2
-    and END positions of IOI; ``slot_names`` names the slots. The scores then equal ``-dMetric/dW`` at
+    scored), ``positions="named"`` (the slots the task names: ``tasks.ioi``'s IO, S1, S1+1, S2, END and
+    other) or a ``[n_prompts, pos]`` integer tensor giving each token's slot (-1: none); ``slot_names``
+    names the slots. The scores then equal ``-dMetric/dW`` at
     ``W = 1`` for weights ``W`` ``[n_slots, n_src, n_dest]`` patched with those ``positions``."""
     if getattr(get_metric(metric), "needs_clean", False):
         warnings.warn(
@@ -346,18 +347,33 @@ def eap_ig(
 
 
 def position_slots(positions: Any, data: PromptPairs, slot_names: Any = None) -> tuple[Tensor | None, tuple[str, ...] | None]:
-    """``positions`` (None, ``"absolute"`` or a ``[n_prompts, pos]`` integer tensor of slots, -1: none) as
-    ``(slots [n_prompts, pos] long, slot names)``; ``(None, None)`` without positions. ``"absolute"``: each
-    token's index, padding (``attention_mask == 0``) excluded."""
+    """``positions`` (None, ``"absolute"``, ``"named"`` or a ``[n_prompts, pos]`` integer tensor of slots,
+    -1: none) as ``(slots [n_prompts, pos] long, slot names)``; ``(None, None)`` without positions.
+    ``"absolute"``: each token's index, padding (``attention_mask == 0``) excluded. ``"named"``: the
+    slots a task names in ``data.meta["positions"]`` / ``data.meta["slot_names"]`` (``tasks.ioi``)."""
     if positions is None:
         if slot_names is not None:
             raise EdgepatchError("slot_names names the slots of positions=...; give positions too.")
         return None, None
     n, pos = data.clean.shape
+    if isinstance(positions, str) and positions == "named":
+        table, names = data.meta.get("positions"), data.meta.get("slot_names")
+        if table is None or names is None:
+            raise EdgepatchError(
+                f"positions='named' takes each token's slot from the data (meta['positions'] and "
+                f"meta['slot_names']), which {data!r} does not have; tasks.ioi names IO, S1, S1+1, S2 and END. "
+                f"Give a [n_prompts, pos] tensor of slots instead, or positions='absolute'."
+            )
+        if slot_names is not None and tuple(map(str, slot_names)) != tuple(map(str, names)):
+            raise EdgepatchError(
+                f"slot_names {list(slot_names)} differ from the data's named slots {list(names)}: these scores were "
+                f"computed with other slots than positions='named' gives for this data."
+            )
+        positions, slot_names = table, names
     if isinstance(positions, str):
         if positions != "absolute":
-            raise EdgepatchError(f"positions must be None, 'absolute' or a [n_prompts, pos] integer tensor of slots; "
-                                 f"got {positions!r}.")
+            raise EdgepatchError(f"positions must be None, 'absolute', 'named' or a [n_prompts, pos] integer tensor of "
+                                 f"slots; got {positions!r}.")
         slots = torch.arange(pos).expand(n, pos).clone()
         slots[data.attention_mask.cpu() == 0] = -1
         n_slots = pos
@@ -374,8 +390,8 @@ def position_slots(positions: Any, data: PromptPairs, slot_names: Any = None) ->
         if n_slots < 1:
             raise EdgepatchError("positions puts no token in any slot (all -1): nothing to score.")
     else:
-        raise EdgepatchError(f"positions must be None, 'absolute' or a [n_prompts, pos] integer tensor of slots; "
-                             f"got {type(positions).__name__}.")
+        raise EdgepatchError(f"positions must be None, 'absolute', 'named' or a [n_prompts, pos] integer tensor of "
+                             f"slots; got {type(positions).__name__}.")
     if slot_names is None:
         names = tuple(str(i) for i in range(n_slots))
     else:

@@ -10,7 +10,9 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
 ``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
 (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
-continue where it stopped (``--no-resume`` starts over).
+continue where it stopped (``--no-resume`` starts over). With ``--positions absolute|named`` (EAP and
+EAP-IG), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
+``_pos-named``, so edge and per-position runs share a folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 TASKS = ("ioi", "greater-than", "induction", "sva")
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned", "random",
            "activation-magnitude")
+POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted")  # --positions
 
 
 class CliError(Exception):
@@ -53,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--steps", type=int, default=5, help="integrated-gradient steps (eap-ig)")
         sp.add_argument("--random-baseline", type=int, default=0, help="random circuits per count (a band)")
         sp.add_argument("--joint-qkv", action="store_true", help="one destination per head instead of q/k/v")
+        sp.add_argument("--positions", default=None, choices=["absolute", "named"],
+                        help="per-position circuits of (position slot, edge) pairs: one slot per token index, or "
+                             "the task's named positions (ioi: IO, S1, S1+1, S2, END, other); EAP and EAP-IG only")
         sp.add_argument("--prune", action="store_true",
                         help="evaluate each circuit's connected part, as MIB does (edgepatch.prune_circuit)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -82,6 +88,23 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> str:
     if key not in choices:
         raise CliError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}.{suggest(key, choices)}")
     return key
+
+
+def _counts(arg: str) -> Any:
+    """``--counts``: a spec name, or comma-separated edge counts (ints) and fractions (floats in (0, 1))."""
+    if "," not in arg and not arg.strip().replace(".", "", 1).isdigit():
+        from edgepatch.sweep import COUNT_SPECS
+
+        return _check_choice("counts", arg, COUNT_SPECS)  # a spec name
+    out: list[Any] = []
+    for part in arg.split(","):
+        part = part.strip()
+        try:
+            out.append(int(part) if part.isdigit() else float(part))
+        except ValueError:
+            raise CliError(f"--counts {arg!r}: {part!r} is not a number; give comma-separated edge counts and "
+                           f"fractions, e.g. --counts 10,100,0.05, or one of mib, log, all, groups.") from None
+    return out
 
 
 def _device(arg: str | None) -> str:
@@ -211,6 +234,18 @@ def run(args: argparse.Namespace) -> int:
     methods = [args.method] if args.command == "sweep" else [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [_check_choice("method", m, METHODS) for m in methods]
     args.task = _check_choice("task", args.task, TASKS)
+    counts = _counts(args.counts)
+    if args.positions is not None:
+        others = [m for m in methods if m not in POSITION_METHODS]
+        if others:
+            raise CliError(f"--positions scores (position slot, edge) pairs, which {', '.join(others)} cannot; use "
+                           f"{', '.join(POSITION_METHODS)}, or leave --positions out.")
+        if args.positions == "named" and args.task != "ioi":
+            raise CliError(f"--positions named: only the ioi task names its positions (IO, S1, S1+1, S2, END); "
+                           f"--task {args.task} has none. Use --positions absolute.")
+        if args.prune:
+            raise CliError("--prune: MIB's pruning is defined for circuits of edges, not of (position, edge) pairs; "
+                           "leave out --prune or --positions.")
     if args.n_prompts < 1 or args.batch_size < 1:
         raise CliError(f"--n-prompts and --batch-size must be >= 1; got {args.n_prompts} and {args.batch_size}.")
     try:
@@ -223,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     model_tag = args.model.replace("/", "_").replace(":", "-")
     out = Path(args.out or f"runs/{model_tag}-{args.task}")
     out.mkdir(parents=True, exist_ok=True)
-    record_path = out / "run.json"
+    tag = f"_pos-{args.positions}" if args.positions else ""  # per-position runs keep their own files
+    record_path = out / f"run{tag}.json"
     record: dict[str, Any] = {"command": args.command, "options": vars(args), "versions": _versions(),
                               "device": device, "timings": {}, "status": "running"}
     t_start = time.perf_counter()
@@ -240,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     try:
         for method in methods:
-            scores_path = out / f"scores_{method}"
+            scores_path = out / f"scores_{method}{tag}"
             t = time.perf_counter()
             scores = None
             if args.resume and (scores_path.with_suffix(".safetensors")).exists():
@@ -255,15 +291,17 @@ def run(args: argparse.Namespace) -> int:
                     opts["steps"] = args.steps
                 if method in ("random",):
                     opts = {"seed": args.seed}
+                if args.positions:
+                    opts["positions"] = args.positions
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
                 epio.save_scores(scores, scores_path)
             record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            result = run_sweep(model, graph, scores, data, counts=args.counts, metric=args.metric,
+            result = run_sweep(model, graph, scores, data, counts=counts, metric=args.metric,
                                ablation=args.ablation, direction=args.direction,
                                random_baseline=args.random_baseline, seed=args.seed,
-                               batch_size=args.batch_size, out=out / f"sweep_{method}" if args.resume else None,
-                               progress=args.progress, prune=args.prune)
+                               batch_size=args.batch_size, out=out / f"sweep_{method}{tag}" if args.resume else None,
+                               progress=args.progress, prune=args.prune, positions=args.positions)
             record["timings"][f"{method}_sweep_s"] = time.perf_counter() - t
             results[method] = result
             faith = [float(v) for v in result.normalized]
@@ -276,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
             eff = [int(c) for c in result.effective_counts]
             reach = [c for c, f in zip(eff, faith) if f >= 0.8]
             rows[-1]["smallest_80pct"] = min(reach) if reach else None
-            if reach:
+            if reach and not scores.per_position:  # (the circuit plot draws edges, not (slot, edge) pairs)
                 fig = plots.plot_circuit(scores, k=min(reach))
                 plots.save_figure(fig, out / f"circuit_{method}.html")
                 if _png_ok():
@@ -289,25 +327,29 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     fig = plots.plot_faithfulness({m.upper(): r for m, r in results.items()})
-    plots.save_figure(fig, out / "faithfulness.html")
-    png = plots.save_figure(fig, out / "faithfulness.png") if _png_ok() else False
-    counts = [int(c) for c in next(iter(results.values())).effective_counts]
+    plots.save_figure(fig, out / f"faithfulness{tag}.html")
+    png = plots.save_figure(fig, out / f"faithfulness{tag}.png") if _png_ok() else False
+    swept = [int(c) for c in next(iter(results.values())).effective_counts]
     print()
     print(f"metric {args.metric}, {args.direction}, ablation {args.ablation}; normalized faithfulness per edge count:")
-    print(_summary_table(rows, counts))
+    print(_summary_table(rows, swept))
+    n_items = next(iter(results.values())).n_edges  # edges, or (slot, edge) pairs per position
+    unit = f"(position slot, edge) pairs ({args.positions} positions)" if args.positions else "edges"
     for r in rows:
         k = r["smallest_80pct"]
         print(f"[{r['method']}] smallest circuit reaching 80% faithfulness: "
-              + (f"{k} edges ({100 * k / graph.n_edges:.2f}% of {graph.n_edges:,})" if k else "none of the swept sizes"))
+              + (f"{k} {unit} ({100 * k / n_items:.2f}% of {n_items:,})" if k else "none of the swept sizes"))
     record["status"] = "done"
     record["results"] = rows
-    record["counts"] = counts
+    record["counts"] = swept
     record["n_edges"] = graph.n_edges
+    if args.positions:
+        record["n_pairs"] = n_items
     record["timings"]["total_s"] = time.perf_counter() - t_start
     record["peak_memory_mb"] = _peak_mb(device)
     record["files"] = sorted(p.name for p in out.iterdir())
     record_path.write_text(json.dumps(record, indent=2, default=str))
-    print(f"\nWrote {out}/: faithfulness.html{' + .png' if png else ''}, scores, sweeps, circuits, run.json "
+    print(f"\nWrote {out}/: faithfulness{tag}.html{' + .png' if png else ''}, scores, sweeps, circuits, {record_path.name} "
           f"({record['timings']['total_s']:.0f} s)")
     return 0
 

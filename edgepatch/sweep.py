@@ -506,8 +506,8 @@ def sweep(
     axis stays the requested counts and ``result.info["pruned_counts"]`` holds the edges left (MIB's
     ``weighted_edge_counts``). With the corrupted-run ablation the values are the same either way.
 
-    Per-position scores (``attribute(..., positions=...)``) need the same ``positions`` here (``"absolute"``
-    or the ``[n_prompts, pos]`` slot tensor): circuits are then the top ``k`` (slot, edge) pairs, patched
+    Per-position scores (``attribute(..., positions=...)``) need the same ``positions`` here (``"absolute"``,
+    ``"named"`` or the ``[n_prompts, pos]`` slot tensor): circuits are then the top ``k`` (slot, edge) pairs, patched
     with per-position weights (tokens in no slot, -1, keep every edge), counts count those pairs
     (``n_edges`` of the result is ``n_slots x n_edges``), and ``ablated`` is the empty circuit's metric
     (the corrupted run's only where every token has a slot).

@@ -65,6 +65,9 @@ IOI_NAMES = (
 IOI_PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station")
 IOI_OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack")
 
+# The token slots of ioi's meta["positions"] (positions="named" in attribute and sweep)
+IOI_SLOTS = ("IO", "S1", "S1+1", "S2", "END", "other")
+
 # {N1} and {N2} are the two names introduced first; {S} is the subject who repeats. ABBA: N1 = IO,
 # N2 = S ("When Mary and John ..., John gave ... to" -> Mary); BABA: N1 = S, N2 = IO.
 IOI_TEMPLATES = (
@@ -119,12 +122,20 @@ def ioi(
     distinct names ("When Alice and Bob went to the store, Carl gave a drink to"), so the prompt no
     longer says who the IO is. ``templates`` picks the name order: ``"ABBA"`` (IO named first),
     ``"BABA"`` (S named first) or ``"mixed"`` (alternating, half each). Per-prompt ``meta``: ``order``,
-    ``template`` (index into ``IOI_TEMPLATES``), ``io``, ``s``.
+    ``template`` (index into ``IOI_TEMPLATES``), ``io``, ``s``, and ``positions``: each token's slot
+    (``[n, pos]``, indices into ``meta["slot_names"]`` = ``IOI_SLOTS``: the paper's IO, S1, S1+1, S2 and
+    END, and "other" for every other real token; -1 on padding), for per-position circuits
+    (``ep.attribute(..., positions="named")``).
 
     >>> from edgepatch.tokenizers import gpt2_tokenizer
     >>> d = ioi(gpt2_tokenizer(), n=4, seed=1, templates="BABA")
     >>> d.meta["order"]
     ['BABA', 'BABA', 'BABA', 'BABA']
+    >>> d.prompts[0]
+    'Then, Madison and Brandon had a long argument, and afterwards Madison said to'
+    >>> [d.meta["slot_names"][i] for i in d.meta["positions"][0].tolist()]  # doctest: +NORMALIZE_WHITESPACE
+    ['other', 'other', 'S1', 'S1+1', 'IO', 'other', 'other', 'other', 'other', 'other', 'other', 'other',
+     'S2', 'other', 'END']
     """
     _check_n(n)
     if templates not in _IOI_ORDERS:
@@ -141,6 +152,8 @@ def ioi(
     rng = random.Random(seed)
     clean, corrupt, answers, wrong = [], [], [], []
     meta: dict[str, list] = {"order": [], "template": [], "io": [], "s": []}
+    name_ids = {name: encode(tok, [" " + name])[0][0] for name in names}
+    where: list[tuple[int, int, int]] = []  # per prompt: the token indices of IO, S1 and S2
     attempts = 0
     while len(clean) < n:
         attempts += 1
@@ -158,18 +171,32 @@ def ioi(
         n1, n2 = (io, s) if order == "ABBA" else (s, io)
         c = template.format(N1=n1, N2=n2, S=s, PLACE=place, OBJECT=obj)
         k = template.format(N1=x, N2=y, S=z, PLACE=place, OBJECT=obj)
-        if not _same_length(tok, c, k):
-            continue
+        ic, ik = encode(tok, [c, k])
+        at_io = [j for j, t in enumerate(ic) if t == name_ids[io]]
+        at_s = [j for j, t in enumerate(ic) if t == name_ids[s]]
+        if len(ic) != len(ik) or len(at_io) != 1 or len(at_s) != 2:
+            continue  # (a name merged with its neighbour into another token: its position is not known)
+        where.append((at_io[0], at_s[0], at_s[1]))
         clean.append(c)
         corrupt.append(k)
         answers.append(" " + io)
         wrong.append(" " + s)
         for key, value in (("order", order), ("template", t_idx), ("io", io), ("s", s)):
             meta[key].append(value)
-    return PromptPairs.from_strings(
+    data = PromptPairs.from_strings(
         tok, clean, corrupt, answers, wrong, prepend_bos=prepend_bos,
         meta={"task": "ioi", **meta}, per_prompt_keys=tuple(meta),
     )
+    # the named positions of Wang et al. 2022: IO, S1, S1+1, S2, END; every other real token is "other"
+    slots = torch.where(data.attention_mask, IOI_SLOTS.index("other"), -1)
+    shift = int(prepend_bos)
+    for i, (at_io, at_s1, at_s2) in enumerate(where):
+        for name, j in (("IO", at_io), ("S1", at_s1), ("S1+1", at_s1 + 1), ("S2", at_s2)):
+            slots[i, j + shift] = IOI_SLOTS.index(name)
+        slots[i, int(data.answer_pos[i])] = IOI_SLOTS.index("END")
+    data.meta.update(positions=slots, slot_names=IOI_SLOTS)
+    data.per_prompt_keys = (*data.per_prompt_keys, "positions")
+    return data
 
 
 # ------------------------------------------------------------------------------------ greater-than

@@ -287,3 +287,28 @@ def test_per_position_scores_rank_slot_edge_pairs():
         eap(model, g, data, positions=slots, slot_names=["only one"], progress=False)
     with pytest.raises(EdgepatchError, match="method='exact' has no option 'positions'"):
         attribute(model, g, data, method="exact", positions=slots)
+    with pytest.raises(EdgepatchError, match=r"positions='named' takes each token's slot from the data .* does not "
+                                             r"have; tasks.ioi names IO, S1, S1\+1, S2 and END"):
+        eap(model, g, data, positions="named", progress=False)
+
+
+def test_named_positions_are_the_task_slot_table():
+    """positions="named" (tasks.ioi's IO, S1, S1+1, S2, END and other) scores and sweeps exactly as the
+    table and names it reads from the data, given explicitly."""
+    from edgepatch.tokenizers import gpt2_tokenizer
+
+    model = ep.random_model("tiny", d_vocab=50257)
+    g = ep.build_graph(model)
+    data = ep.tasks.ioi(gpt2_tokenizer(), n=4, seed=0)
+    named = eap(model, g, data, positions="named", progress=False)
+    given = eap(model, g, data, positions=data.meta["positions"], slot_names=data.meta["slot_names"], progress=False)
+    assert named.slots == ("IO", "S1", "S1+1", "S2", "END", "other")
+    assert torch.equal(named.scores.nan_to_num(0), given.scores.nan_to_num(0))
+    a = ep.sweep(model, g, named, data, counts=[10, 100], positions="named", progress=False)
+    b = ep.sweep(model, g, named, data, counts=[10, 100], positions=data.meta["positions"], progress=False)
+    assert torch.equal(a.values, b.values)
+    other = ep.tasks.ioi(gpt2_tokenizer(), n=4, seed=1)
+    other.meta["slot_names"] = ("IO", "S1", "S1+1", "S2", "END", "rest")
+    with pytest.raises(EdgepatchError, match=r"slot_names \['IO', 'S1', 'S1\+1', 'S2', 'END', 'other'\] differ from "
+                                             r"the data's named slots"):
+        ep.sweep(model, g, named, other, counts=[10], positions="named", progress=False)

@@ -62,7 +62,46 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
     assert "scores loaded" in capsys.readouterr().out
 
 
+def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
+    """--positions: absolute slots on any task; the ioi task's named slots (a tiny random model with GPT-2's
+    vocabulary and tokenizer stands in for a real one). Per-position files sit beside the edge run's."""
+    out = tmp_path / "pos"
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--positions", "absolute", "--out", str(out)]) == 0
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"scores_eap_pos-absolute.safetensors", "sweep_eap_pos-absolute", "faithfulness_pos-absolute.html",
+            "run_pos-absolute.json", "scores_eap.safetensors", "run.json"} <= names
+    import edgepatch as ep
+    from edgepatch.tokenizers import gpt2_tokenizer
+
+    record = json.loads((out / "run_pos-absolute.json").read_text())
+    slots = ep.io.load_scores(out / "scores_eap_pos-absolute").slots
+    assert slots == tuple(str(i) for i in range(len(slots))) and len(slots) > 1  # one per token index
+    assert record["status"] == "done" and record["n_pairs"] == len(slots) * record["n_edges"]
+
+    def tiny_with_tokenizer(args, device):
+        model = ep.random_model("tiny", d_vocab=50257)
+        model.tokenizer = gpt2_tokenizer()
+        return model
+
+    monkeypatch.setattr(cli, "_load", tiny_with_tokenizer)
+    capsys.readouterr()
+    argv = ["sweep", "--model", "x", "--task", "ioi", "--n-prompts", "4", "--counts", "10,100", "--no-progress",
+            "--method", "eap", "--positions", "named", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert json.loads((out / "run_pos-named.json").read_text())["counts"] == [10, 100]  # --counts 10,100
+    assert "(position slot, edge) pairs (named positions)" in text or "none of the swept sizes" in text
+    scores = ep.io.load_scores(out / "scores_eap_pos-named")
+    assert scores.slots == ("IO", "S1", "S1+1", "S2", "END", "other")
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["sweep", "--counts", "10,1o0"], r"--counts '10,1o0': '1o0' is not a number; give comma-separated"),
+    (["sweep", "--counts", "loog"], r"unknown counts 'loog'; expected one of .* Did you mean 'log'"),
+    (["sweep", "--method", "acdc", "--positions", "absolute"], "--positions scores .* which acdc cannot; use eap"),
+    (["sweep", "--method", "eap", "--positions", "named", "--task", "sva"], "only the ioi task names its positions"),
+    (["sweep", "--method", "eap", "--positions", "absolute", "--prune"], "--prune: MIB's pruning"),
     (["sweep", "--method", "eapp"], "unknown method 'eapp'; expected one of .* Did you mean 'eap'"),
     (["sweep", "--task", "iio"], "unknown task 'iio'.* Did you mean 'ioi'"),
     (["sweep", "--n-prompts", "0"], "--n-prompts and --batch-size must be >= 1"),

@@ -73,6 +73,28 @@ def test_ioi_structure(tok):
         assert (d.clean[i] != d.corrupt[i]).sum() == 3
 
 
+@pytest.mark.parametrize("prepend_bos", [False, True])
+def test_ioi_named_positions(tok, prepend_bos):
+    """meta["positions"] puts IO, S1, S1+1, S2 and END where the prompt's tokens say (found here from the
+    decoded tokens, not from the generator's indices): IO and the two S tokens decode to the names,
+    S1+1 follows S1, END is the scored position; every other real token is "other", padding -1. Slicing
+    the data slices the positions."""
+    d = tasks.ioi(tok, n=12, seed=4, prepend_bos=prepend_bos)
+    names, table = d.meta["slot_names"], d.meta["positions"]
+    assert tuple(names) == ("IO", "S1", "S1+1", "S2", "END", "other") and table.shape == d.clean.shape
+    assert bool(((table == -1) == ~d.attention_mask).all()) and bool((d.attention_mask[:, 0]).all())
+    for i in range(len(d)):
+        real = int(d.attention_mask[i].sum())
+        words = [tok.decode([t]) for t in d.clean[i, :real].tolist()]
+        io_at = [j for j, w in enumerate(words) if w == " " + d.meta["io"][i]]
+        s_at = [j for j, w in enumerate(words) if w == " " + d.meta["s"][i]]
+        want = {io_at[0]: "IO", s_at[0]: "S1", s_at[0] + 1: "S1+1", s_at[1]: "S2", real - 1: "END"}
+        got = [names[k] for k in table[i, :real].tolist()]
+        assert got == [want.get(j, "other") for j in range(real)], (d.prompts[i], got)
+        assert (io_at[0] < s_at[0]) == (d.meta["order"][i] == "ABBA")
+    assert torch.equal(d[3:5].meta["positions"], table[3:5])
+
+
 @pytest.mark.parametrize("order", ["ABBA", "BABA"])
 def test_ioi_single_order(tok, order):
     d = tasks.ioi(tok, n=6, seed=2, templates=order)
