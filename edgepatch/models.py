@@ -23,6 +23,10 @@ Presets (``random_model(preset)``):
 ``tiny-attn-only`` attention-only, 2 layers (hooked only)
 =================  ==============================================================================
 
+Models with GPT-2's vocabulary (``gpt2-small``, or ``d_vocab=50257``) carry GPT-2's tokenizer (shipped
+offline), so the string tasks (``tasks.ioi``, ...) run on them; the others have no tokenizer (``tasks.induction``
+takes a vocabulary size), in both model classes.
+
 Example
 -------
 >>> model = random_model("tiny", model_class="hooked", seed=0)
@@ -119,9 +123,14 @@ def _hooked(spec: dict[str, Any], seed: int) -> torch.nn.Module:
     if spec["attn_only"]:
         kwargs.pop("d_mlp")
     cfg = HookedTransformerConfig(**kwargs)
+    tokenizer = None
+    if spec["d_vocab"] == 50257:  # GPT-2's vocabulary: its tokenizer (offline), as the bridge gets
+        from edgepatch.tokenizers import gpt2_tokenizer
+
+        tokenizer = gpt2_tokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
     # TL's default init is small; make the random weights big enough that every component matters.
     _spread_weights(model, seed)
     return model
@@ -174,4 +183,8 @@ def _bridge(spec: dict[str, Any], seed: int) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=gpt2_tokenizer())
     bridge.cfg.model_name = f"random-{spec['preset']}"
+    if len(bridge.tokenizer) > spec["d_vocab"]:
+        # booting needs a tokenizer, but GPT-2's would produce ids beyond this vocabulary: none, as for the
+        # HookedTransformer (tasks then need a vocabulary size, not a tokenizer)
+        bridge.tokenizer = None
     return bridge

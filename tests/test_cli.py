@@ -72,19 +72,13 @@ def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     assert {"scores_eap_pos-absolute.safetensors", "sweep_eap_pos-absolute", "faithfulness_pos-absolute.html",
             "run_pos-absolute.json", "scores_eap.safetensors", "run.json"} <= names
     import edgepatch as ep
-    from edgepatch.tokenizers import gpt2_tokenizer
 
     record = json.loads((out / "run_pos-absolute.json").read_text())
     slots = ep.io.load_scores(out / "scores_eap_pos-absolute").slots
     assert slots == tuple(str(i) for i in range(len(slots))) and len(slots) > 1  # one per token index
     assert record["status"] == "done" and record["n_pairs"] == len(slots) * record["n_edges"]
 
-    def tiny_with_tokenizer(args, device):
-        model = ep.random_model("tiny", d_vocab=50257)
-        model.tokenizer = gpt2_tokenizer()
-        return model
-
-    monkeypatch.setattr(cli, "_load", tiny_with_tokenizer)
+    monkeypatch.setattr(cli, "_load", lambda args, device: ep.random_model("tiny", d_vocab=50257))  # + tokenizer
     capsys.readouterr()
     argv = ["sweep", "--model", "x", "--task", "ioi", "--n-prompts", "4", "--counts", "10,100", "--no-progress",
             "--method", "eap", "--positions", "named", "--out", str(out)]
@@ -94,6 +88,16 @@ def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     assert "(position slot, edge) pairs (named positions)" in text or "none of the swept sizes" in text
     scores = ep.io.load_scores(out / "scores_eap_pos-named")
     assert scores.slots == ("IO", "S1", "S1+1", "S2", "END", "other")
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_random_models_run_the_tasks_their_vocabulary_allows(tmp_path, model_class):
+    """random:tiny (101 tokens) has no tokenizer in either class, so induction draws from its vocabulary (the
+    bridge used to carry GPT-2's tokenizer, whose ids overflowed it); the ioi task then says what is missing."""
+    out = tmp_path / model_class
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--model-class", model_class, "--out", str(out)]) == 0
+    assert cli.main(["sweep", *FAST[:2], "--task", "ioi", "--model-class", model_class, "--no-progress",
+                     "--out", str(out)]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [

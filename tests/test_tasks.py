@@ -177,6 +177,19 @@ def test_sva_structure(tok):
     assert d.meta["plural"] == [False, True] * 6
 
 
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_random_models_with_gpt2_vocabulary_carry_its_tokenizer(tok, model_class):
+    """A random model with GPT-2's vocabulary takes the string tasks straight from itself (its tokenizer is
+    GPT-2's, offline); one with a smaller vocabulary has no tokenizer, in either class, rather than one
+    whose ids it cannot embed."""
+    from edgepatch.models import random_model
+
+    model = random_model("tiny", model_class=model_class, d_vocab=50257)
+    d = tasks.ioi(model, n=2, seed=0).validate(model)
+    assert torch.equal(d.clean, tasks.ioi(tok, n=2, seed=0).clean)
+    assert getattr(random_model("tiny", model_class=model_class), "tokenizer", None) is None
+
+
 def test_tokenizer_can_be_a_model_like_object(tok):
     class FakeModel(torch.nn.Module):
         tokenizer = tok
