@@ -71,6 +71,7 @@ from edgepatch.patching import (
     _Probe,
     accumulate_probe,
     activated,
+    fold_slot_circuits,
     mean_activations,
     patch,
     projection_param,
@@ -513,18 +514,33 @@ def exact_patching(
     memory_budget_mb: float = 1024,
     edges: Tensor | None = None,
     progress: bool = True,
+    positions: Any = None,
+    slot_names: Any = None,
 ) -> EdgeScores:
     """The true effect of ablating each edge alone: ``metric(all kept but e) - metric(all kept)``
     (DESIGN.md §3.6), many edges per forward.
 
     ``edges``: optional bool ``[n_src, n_dest]`` mask restricting which edges are evaluated (others NaN).
-    ``edges_per_forward``: edges folded into one forward (default: from ``memory_budget_mb``)."""
+    ``edges_per_forward``: edges folded into one forward (default: from ``memory_budget_mb``).
+
+    Per position (``positions``, ``slot_names`` as in :func:`eap`): the effect of ablating each edge at
+    the tokens of one slot only, every (slot, edge) pair alone, the ground truth of per-position EAP;
+    ``edges`` may then also be ``[n_slots, n_src, n_dest]``. That is ``n_slots`` times the work: restrict
+    it with ``edges``."""
     _check_graph(model, graph)
     data = check_data(model, data).to(model_device(model))
+    slots, names = position_slots(positions, data, slot_names)
     device = model_device(model)
     g = graph
-    todo = g.valid.clone() if edges is None else (edges.bool().cpu() & g.valid)
-    idx = todo.nonzero()  # [E, 2] (for node graphs: [n_src, 1] sources)
+    S = 0 if names is None else len(names)
+    valid = g.valid if not S else g.valid.expand(S, *g.valid.shape)
+    if edges is not None and tuple(edges.shape) not in (tuple(g.valid.shape), tuple(valid.shape)):
+        raise EdgepatchError(
+            f"edges has shape {shape_str(edges.shape)}; expected a bool mask [n_src, n_dest] = "
+            f"{shape_str(g.valid.shape)}{f' or [n_slots, n_src, n_dest] = {shape_str(valid.shape)}' if S else ''}."
+        )
+    todo = valid.clone() if edges is None else (edges.bool().cpu() & valid)
+    idx = todo.nonzero()  # [E, 2] (for node graphs: [n_src, 1] sources), per position [E, 3] (slot first)
     n = len(data)
     if edges_per_forward is None:
         spec = g.spec
@@ -546,21 +562,25 @@ def exact_patching(
             c = len(chunk)
             if c not in folded:
                 folded[c] = prepared_metric(model, metric, batch, clean_logits, repeat=c)
-            W = torch.ones(c, g.n_src, g.n_dest)
-            W[torch.arange(c), chunk[:, 0], chunk[:, 1]] = 0
-            with patch(model, graph, W.to(device), abl):
+            W = torch.ones(c, *todo.shape)
+            W[(torch.arange(c), *chunk.T)] = 0
+            W, table, abl_c = W.to(device), None, abl
+            if S:
+                assert slots is not None
+                W, table, abl_c = fold_slot_circuits(W, slots[sl].to(device), abl)
+            with patch(model, graph, W, abl_c, positions=table):
                 logits = model(batch.clean.repeat(c, 1))
             n_forwards += 1
             vals = folded[c](logits, _repeat(batch, c)).double().view(c, len(batch.clean))
             effects[start : start + c] += (vals - base).sum(1).cpu() / n
             bar.update(1)
     bar.close()
-    scores = torch.full((g.n_src, g.n_dest), float("nan"))
-    scores[idx[:, 0], idx[:, 1]] = effects.float()
+    scores = torch.full(todo.shape, float("nan"))
+    scores[tuple(idx.T)] = effects.float()
     info = {"ablation": str(abl_source.kind), "n_prompts": n, "forwards": n_forwards,
             "edges_per_forward": edges_per_forward, "seconds": time.perf_counter() - t0,
             "score_kind": "ablation_effect"}
-    return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info)
+    return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info, slots=names)
 
 
 def _repeat(batch: PromptPairs, c: int) -> PromptPairs:

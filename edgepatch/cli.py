@@ -10,8 +10,8 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
 ``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
 (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
-continue where it stopped (``--no-resume`` starts over). With ``--positions absolute|named`` (EAP and
-EAP-IG), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
+continue where it stopped (``--no-resume`` starts over). With ``--positions absolute|named`` (EAP,
+EAP-IG, exact), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 TASKS = ("ioi", "greater-than", "induction", "sva")
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned", "random",
            "activation-magnitude")
-POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted")  # --positions
+POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact")  # --positions
 
 
 class CliError(Exception):
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--joint-qkv", action="store_true", help="one destination per head instead of q/k/v")
         sp.add_argument("--positions", default=None, choices=["absolute", "named"],
                         help="per-position circuits of (position slot, edge) pairs: one slot per token index, or "
-                             "the task's named positions (ioi: IO, S1, S1+1, S2, END, other); EAP and EAP-IG only")
+                             "the task's named positions (ioi: IO, S1, S1+1, S2, END, other); EAP, EAP-IG and exact only")
         sp.add_argument("--prune", action="store_true",
                         help="evaluate each circuit's connected part, as MIB does (edgepatch.prune_circuit)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")

@@ -2015,6 +2015,22 @@ class _AbsoluteEngine(_Engine):
             )
 
 
+def fold_slot_circuits(W: Tensor, slots: Tensor, ablated: Ablation) -> tuple[Tensor, Tensor, Ablation]:
+    """``C`` per-position circuits ``W`` (``[C, S, n_src, n_dest]``) on a batch whose tokens have the slots
+    ``slots`` (``[b, p]``, -1: none), as one :func:`patch` of the batch repeated ``C`` times
+    (``tokens.repeat(C, 1)``): weights ``[C * S, n_src, n_dest]``, a slot table ``[C * b, p]`` in which
+    circuit ``c``'s rows use the slots ``c * S + slot``, and ``ablated`` with its per-prompt values repeated
+    for every circuit's rows (per-position weights do not fold a batch-``b`` ablation themselves)."""
+    C, S = W.shape[:2]
+    b = slots.shape[0]
+    offsets = (torch.arange(C, device=slots.device) * S).repeat_interleave(b).view(-1, 1)
+    rows = slots.repeat(C, 1)
+    table = torch.where(rows >= 0, rows + offsets, rows)
+    if C > 1 and ablated.values.shape[1] > 1:
+        ablated = ablated._map(lambda v: v.repeat(1, C, 1, 1), lambda v: v.repeat(C, 1, 1, 1))
+    return W.reshape(C * S, *W.shape[2:]), table, ablated
+
+
 def release_buffers(model: Any) -> None:
     """Free the scratch buffers that patched forwards without gradients keep on ``model`` between calls
     (CPU only; the largest of each used: the differences, ``batch x pos x n_src x d_model`` floats, e.g.

@@ -89,7 +89,7 @@ from edgepatch.metrics import (
     normalized_faithfulness,
     reads_answer_only,
 )
-from edgepatch.patching import Ablation, _check_graph, patch, source_activations
+from edgepatch.patching import Ablation, _check_graph, fold_slot_circuits, patch, source_activations
 from edgepatch.scores import EdgeScores
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
@@ -860,13 +860,7 @@ def _evaluate_chunk(
     W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
     table = None
     if slots is not None:
-        S = plan.n_slots
-        offsets = (torch.arange(c) * S).repeat_interleave(b).view(-1, 1)
-        rows = slots.repeat(c, 1)
-        table = torch.where(rows >= 0, rows + offsets, rows).to(tokens.device)
-        W = W.reshape(c * S, graph.n_src, graph.n_dest)
-        if c > 1 and abl.values.shape[1] > 1:  # per-prompt ablated values, repeated for every circuit's rows
-            abl = abl._map(lambda v: v.repeat(1, c, 1, 1), lambda v: v.repeat(c, 1, 1, 1))
+        W, table, abl = fold_slot_circuits(W, slots.to(tokens.device), abl)
     elif c == 1:
         W = W[0]
     with patch(model, graph, W, abl, positions=table):

@@ -122,6 +122,44 @@ def test_exact_patching_matches_single_edge_patch(model_class):
     assert exact.flat.abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_per_position_exact_patching_matches_single_pair_patches(model_class):
+    """Per position, exact patching ablates one (slot, edge) pair at a time, many per forward (folded slot
+    tables, per-prompt ablation repeated, batches of prompts). Against patch() with per-position weights
+    where only that pair is 0, pair by pair (tokens in no slot keep every edge); with one slot holding
+    every token it is edge-level exact patching; the ``edges`` mask may be per slot."""
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    data = data_for(model, n=5, seq_len=4)
+    slots = torch.zeros_like(data.clean)
+    slots[:, -1] = 1
+    slots[0, 1] = -1
+    gen = torch.Generator().manual_seed(1)
+    chosen = torch.zeros(2, g.n_src, g.n_dest, dtype=torch.bool)
+    for i in torch.randperm(2 * g.n_edges, generator=gen)[:16].tolist():
+        s, d = g.edge_index[i % g.n_edges].tolist()
+        chosen[i // g.n_edges, s, d] = True
+    exact = exact_patching(model, g, data, "logit_diff", edges_per_forward=5, batch_size=3, positions=slots,
+                           slot_names=["rest", "end"], edges=chosen, progress=False)
+    assert exact.slots == ("rest", "end") and int(torch.isfinite(exact.scores).sum()) == 16
+    met = get_metric("logit_diff")
+    abl = ep.source_activations(model, g, data.corrupt)
+    with torch.no_grad():
+        full = met(model(data.clean), data).mean()
+        for slot, s, d in chosen.nonzero().tolist():
+            W = torch.ones(2, g.n_src, g.n_dest)
+            W[slot, s, d] = 0
+            with ep.patch(model, g, W, abl, positions=slots):
+                want = met(model(data.clean), data).mean() - full
+            assert abs(float(exact.scores[slot, s, d]) - float(want)) <= 1e-5, (slot, g.src_names[s], g.dest_names[d])
+    assert exact.scores[chosen].abs().max() > 1e-4
+    one = exact_patching(model, g, data, "logit_diff", positions=torch.zeros_like(data.clean), progress=False)
+    edge = exact_patching(model, g, data, "logit_diff", progress=False)
+    assert torch.allclose(one.scores[0], edge.scores, atol=1e-5, equal_nan=True)
+    with pytest.raises(EdgepatchError, match=r"edges has shape \[3, 4\]; expected a bool mask \[n_src, n_dest\]"):
+        exact_patching(model, g, data, edges=torch.ones(3, 4, dtype=torch.bool), positions=slots, progress=False)
+
+
 def test_exact_with_kl_and_a_callable_metric():
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)
@@ -285,8 +323,8 @@ def test_per_position_scores_rank_slot_edge_pairs():
         eap(model, g, data, positions=slots[:, :3], progress=False)
     with pytest.raises(EdgepatchError, match="slot_names must give one distinct name per slot"):
         eap(model, g, data, positions=slots, slot_names=["only one"], progress=False)
-    with pytest.raises(EdgepatchError, match="method='exact' has no option 'positions'"):
-        attribute(model, g, data, method="exact", positions=slots)
+    with pytest.raises(EdgepatchError, match="method='acdc' has no option 'positions'"):
+        attribute(model, g, data, method="acdc", positions=slots)
     with pytest.raises(EdgepatchError, match=r"positions='named' takes each token's slot from the data .* does not "
                                              r"have; tasks.ioi names IO, S1, S1\+1, S2 and END"):
         eap(model, g, data, positions="named", progress=False)
