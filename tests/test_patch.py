@@ -188,15 +188,16 @@ def _run_with_flag(model, flag: str, hooks) -> None:
 
 
 def count_calls(monkeypatch, name: str) -> list:
-    """Spy on the engine method ``name``: the returned list gets one entry per call."""
+    """Spy on the engine method ``name`` (a static method too): the returned list gets one entry per call."""
     calls: list = []
+    static = isinstance(patching._Engine.__dict__[name], staticmethod)
     original = getattr(patching._Engine, name)
 
-    def counted(self, *args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(patching._Engine, name, counted)
+    monkeypatch.setattr(patching._Engine, name, staticmethod(counted) if static else counted)
     return calls
 
 
@@ -864,14 +865,7 @@ def test_mixing_edge_by_edge_agrees_with_the_product(case, monkeypatch):
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=3, pos=6, seed=44), tokens(model, batch=3, pos=6, seed=45)
     abl = ep.source_activations(model, g, corrupt)
-    calls = []
-    original = patching._Engine._mixed_by_edge
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(patching._Engine, "_mixed_by_edge", staticmethod(counted))
+    calls = count_calls(monkeypatch, "_mixed_by_edge")
     gen = torch.Generator().manual_seed(46)
     cases = _path_cases(g, gen) + [(torch.rand(2, g.n_src, g.n_dest, generator=gen) < 0.3).float()]
     for W in cases:
@@ -901,14 +895,7 @@ def test_per_position_mixing_edge_by_edge_agrees_with_the_product(case, monkeypa
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=3, pos=6, seed=47), tokens(model, batch=3, pos=6, seed=48)
     abl = ep.source_activations(model, g, corrupt)
-    calls = []
-    original = patching._Engine._mixed_by_slot_edge
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(patching._Engine, "_mixed_by_slot_edge", staticmethod(counted))
+    calls = count_calls(monkeypatch, "_mixed_by_slot_edge")
     gen = torch.Generator().manual_seed(49)
     slots = torch.randint(0, 3, (3, 6), generator=gen)
     sparse = (torch.rand(3, g.n_src, g.n_dest, generator=gen) < 0.2).float()
