@@ -65,8 +65,6 @@ Example
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import warnings
@@ -90,6 +88,7 @@ from edgepatch.metrics import (
     reads_answer_only,
 )
 from edgepatch.patching import Ablation, _check_graph, fold_slot_circuits, patch, source_activations
+from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
 from edgepatch.scores import EdgeScores
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
@@ -368,69 +367,10 @@ class SweepResult:
 # ------------------------------------------------------------------------------------------------------
 # Helpers: fingerprints, progress files, fast logits
 # ------------------------------------------------------------------------------------------------------
-def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(str((t.dtype, tuple(t.shape))).encode())
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    h.update(t.numpy().tobytes())
-
-
-def _hash_obj(h: "hashlib._Hash", obj: Any) -> None:
-    if isinstance(obj, Tensor):
-        _hash_tensor(h, obj)
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            h.update(str(k).encode())
-            _hash_obj(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _hash_obj(h, v)
-    else:
-        h.update(repr(obj).encode())
-
-
-def _data_hash(data: PromptPairs) -> str:
-    h = hashlib.sha256()
-    for t in (data.clean, data.corrupt, data.answers, data.wrong, data.answer_pos, data.attention_mask):
-        _hash_tensor(h, t)
-    _hash_obj(h, data.meta)
-    return h.hexdigest()[:16]
-
-
-def _scores_hash(scores: EdgeScores) -> str:
-    h = hashlib.sha256()
-    _hash_tensor(h, scores.scores)
-    return h.hexdigest()[:16]
-
-
-def _model_checksum(model: Any) -> str:
-    """Architecture + a cheap checksum of the first and last parameter tensors (not a full weight hash)."""
-    params = list(model.parameters())
-    parts = [f"{sum(p.numel() for p in params)}"]
-    for p in (params[0], params[-1]):
-        parts.append(f"{float(p.detach().double().sum()):.6g}")
-    return ",".join(parts)
-
-
 def _metric_name(metric: Any, resolved: Any) -> str:
     if isinstance(metric, str):
         return metric
     return str(getattr(resolved, "metric_name", None) or getattr(resolved, "__name__", None) or type(resolved).__name__)
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # Circuits folded into one forward share its weights' reads, but the engine's per-layer temporaries grow
@@ -587,9 +527,7 @@ def sweep(
                 f"The given Ablation has {ablation.values.shape[2]} positions but the prompts have {data.pos}; give one "
                 f"value per position or a broadcasting (pos 1) ablation."
             )
-        h = hashlib.sha256()
-        _hash_tensor(h, ablation.values)
-        abl_id = f"{abl_kind}:{h.hexdigest()[:16]}"
+        abl_id = f"{abl_kind}:{digest(ablation.values)}"
     elif isinstance(ablation, str) and ablation in ABLATIONS:
         abl_kind = abl_id = ablation
     else:
@@ -632,17 +570,15 @@ def sweep(
         "version": _FORMAT_VERSION,
         "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
         # the checksum reads two large parameters (~0.1 s for GPT-2's embedding): only to resume from `out`
-        "model": f"{model_spec(model)}|{_model_checksum(model)}" if out is not None else None,
+        "model": f"{model_spec(model)}|{model_checksum(model)}" if out is not None else None,
         "counts": requested, "effective_counts": effective, "metric": mname, "direction": direction,
-        "ablation": abl_id, "by": by, "ties": ties, "scores": _scores_hash(scores), "method": scores.method,
-        "data": _data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
+        "ablation": abl_id, "by": by, "ties": ties, "scores": digest(scores.scores), "method": scores.method,
+        "data": data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
     }
     if prune:  # (absent when False, so progress saved before the option existed still resumes)
         fingerprint["prune"] = True
     if slots is not None:
-        h = hashlib.sha256()
-        _hash_tensor(h, slots)
-        fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": h.hexdigest()[:16]}
+        fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": digest(slots)}
 
     # ---- state (possibly resumed) ------------------------------------------------------------------------
     n_prompts = len(data)
@@ -656,11 +592,11 @@ def sweep(
     out_dir = Path(out) if out is not None else None
     progress_path = None
     if out_dir is not None:
-        progress_path = _open_out(out_dir, fingerprint, state)
+        progress_path = open_progress(out_dir, fingerprint, state)
 
     def save_state() -> None:
         if progress_path is not None:
-            _atomic_save(state, progress_path, {"edgepatch": json.dumps({"fingerprint": fingerprint, "items": items})})
+            save_progress(progress_path, state, fingerprint, items=items)
 
     # ---- run ---------------------------------------------------------------------------------------------
     fast = reads_answer_only(resolved)
@@ -740,46 +676,6 @@ def sweep(
 
         save_sweep(result, out_dir / "result.safetensors")
     return result
-
-
-def _open_out(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, Tensor]) -> Path:
-    """Create ``out_dir`` or resume from it: load matching progress into ``state``; raise on other settings."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EdgepatchError(f"out={str(out_dir)!r} is a file; give a folder for the sweep's progress and result.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "progress.safetensors"
-    if path.exists():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["edgepatch"])
-                saved = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:
-            raise EdgepatchError(
-                f"Cannot read the sweep progress in {str(path)!r} ({err}). Delete the folder {str(out_dir)!r} (or use "
-                f"another out=) to start over."
-            ) from None
-        old = meta.get("fingerprint", {})
-        diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-        if diffs:
-            shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
-            raise EdgepatchError(
-                f"out={str(out_dir)!r} holds a sweep with different settings ({shown}"
-                f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
-                f"{str(out_dir)!r} to start over."
-            )
-        for k, v in saved.items():
-            if k in state and state[k].shape == v.shape:
-                state[k] = v.to(state[k].dtype)
-    else:
-        _atomic_write_text(out_dir / "sweep.json", json.dumps({"fingerprint": fingerprint}, indent=1))
-    return path
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _run_batch(

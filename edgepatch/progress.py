@@ -1,0 +1,124 @@
+"""Resumable progress for long runs (sweeps, exact patching): fingerprints of what a run depends on, and
+progress files written atomically.
+
+A run with ``out=folder`` writes its settings (``<what>.json``) once and its progress
+(``progress.safetensors``) as it goes, to a temporary file moved into place, so an interruption never
+leaves a half-written file. Run again with the same folder and settings and it skips the work already
+done; other settings raise an error naming what differs. Progress files are safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from edgepatch.data import PromptPairs
+from edgepatch.errors import EdgepatchError
+
+
+def hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    h.update(t.numpy().tobytes())
+
+
+def hash_obj(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        hash_tensor(h, obj)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            hash_obj(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            hash_obj(h, v)
+    else:
+        h.update(repr(obj).encode())
+
+
+def digest(*objs: Any) -> str:
+    """A short hash of tensors and plain values (16 hex digits)."""
+    h = hashlib.sha256()
+    for obj in objs:
+        hash_obj(h, obj)
+    return h.hexdigest()[:16]
+
+
+def data_hash(data: PromptPairs) -> str:
+    return digest(data.clean, data.corrupt, data.answers, data.wrong, data.answer_pos, data.attention_mask, data.meta)
+
+
+def model_checksum(model: Any) -> str:
+    """Architecture + a cheap checksum of the first and last parameter tensors (not a full weight hash)."""
+    params = list(model.parameters())
+    parts = [f"{sum(p.numel() for p in params)}"]
+    for p in (params[0], params[-1]):
+        parts.append(f"{float(p.detach().double().sum()):.6g}")
+    return ",".join(parts)
+
+
+def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, Tensor], what: str = "sweep") -> Path:
+    """Create ``out_dir`` or resume from it: load matching progress into ``state`` (in place); raise on
+    other settings. Returns the progress file's path (see :func:`save_progress`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgepatchError(f"out={str(out_dir)!r} is a file; give a folder for the {what}'s progress and result.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "progress.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["edgepatch"])
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:
+            raise EdgepatchError(
+                f"Cannot read the {what} progress in {str(path)!r} ({err}). Delete the folder {str(out_dir)!r} (or "
+                f"use another out=) to start over."
+            ) from None
+        old = meta.get("fingerprint", {})
+        diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
+            raise EdgepatchError(
+                f"out={str(out_dir)!r} holds a {what} with different settings ({shown}"
+                f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
+                f"{str(out_dir)!r} to start over."
+            )
+        for k, v in saved.items():
+            if k in state and state[k].shape == v.shape:
+                state[k] = v.to(state[k].dtype)
+    else:
+        atomic_write_text(out_dir / f"{what.replace(' ', '_')}.json", json.dumps({"fingerprint": fingerprint}, indent=1))
+    return path
+
+
+def save_progress(path: Path, state: dict[str, Tensor], fingerprint: dict[str, Any], **extra: Any) -> None:
+    atomic_save(state, path, {"edgepatch": json.dumps({"fingerprint": fingerprint, **extra})})
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
