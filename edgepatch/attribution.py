@@ -50,8 +50,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -516,9 +518,13 @@ def exact_patching(
     progress: bool = True,
     positions: Any = None,
     slot_names: Any = None,
+    out: str | os.PathLike | None = None,
 ) -> EdgeScores:
     """The true effect of ablating each edge alone: ``metric(all kept but e) - metric(all kept)``
     (DESIGN.md §3.6), many edges per forward.
+
+    ``out``: a folder for resumable progress (as in :func:`edgepatch.sweep`): written every few seconds;
+    run again with the same folder and settings to skip the forwards already done.
 
     ``edges``: optional bool ``[n_src, n_dest]`` mask restricting which edges are evaluated (others NaN).
     ``edges_per_forward``: edges folded into one forward (default: from ``memory_budget_mb``).
@@ -547,17 +553,27 @@ def exact_patching(
         per_row = (g.engine_graph.n_src + 4 * spec.n_layers) * data.clean.shape[1] * spec.d_model * 4 * 3
         edges_per_forward = max(1, int(memory_budget_mb * 2**20 // max(per_row * min(batch_size, n), 1)))
     abl_source = AblationSource(model, graph, data, ablation)
-    effects = torch.zeros(len(idx), dtype=torch.float64)
+    n_chunks = math.ceil(len(idx) / edges_per_forward)
+    state = {"effects": torch.zeros(len(idx), dtype=torch.float64),  # summed over the (batch, chunk) done
+             "done": torch.zeros(math.ceil(n / batch_size), n_chunks, dtype=torch.uint8)}
+    save = _exact_progress(model, graph, data, metric, ablation, batch_size, edges_per_forward, todo, slots, names,
+                           out, state)
+    effects = state["effects"]
     t0 = time.perf_counter()
     n_forwards = 0
-    bar = progress_bar(math.ceil(n / batch_size) * math.ceil(len(idx) / edges_per_forward), "exact", progress)
-    for sl, batch in batches(data, batch_size):
+    bar = progress_bar(int(state["done"].numel()), "exact", progress)
+    bar.update(int(state["done"].sum()))
+    for b_i, (sl, batch) in enumerate(batches(data, batch_size)):
+        if bool(state["done"][b_i].all()):
+            continue
         abl = abl_source(batch, sl)
         clean_logits = model(batch.clean)
         m = prepared_metric(model, metric, batch, clean_logits)
         base = m(clean_logits, batch).double()  # all kept == the clean forward (invariant 1)
         folded: dict[int, Any] = {}
-        for start in range(0, len(idx), edges_per_forward):
+        for c_i, start in enumerate(range(0, len(idx), edges_per_forward)):
+            if state["done"][b_i, c_i]:
+                continue
             chunk = idx[start : start + edges_per_forward]
             c = len(chunk)
             if c not in folded:
@@ -573,7 +589,10 @@ def exact_patching(
             n_forwards += 1
             vals = folded[c](logits, _repeat(batch, c)).double().view(c, len(batch.clean))
             effects[start : start + c] += (vals - base).sum(1).cpu() / n
+            state["done"][b_i, c_i] = 1
+            save()
             bar.update(1)
+    save(final=True)
     bar.close()
     scores = torch.full(todo.shape, float("nan"))
     scores[tuple(idx.T)] = effects.float()
@@ -581,6 +600,39 @@ def exact_patching(
             "edges_per_forward": edges_per_forward, "seconds": time.perf_counter() - t0,
             "score_kind": "ablation_effect"}
     return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info, slots=names)
+
+
+_SAVE_EVERY_S = 5.0  # exact patching's progress file: at most this often (a forward takes well under that)
+
+
+def _exact_progress(model: Any, graph: Graph, data: PromptPairs, metric: Any, ablation: Any, batch_size: int,
+                    edges_per_forward: int, todo: Tensor, slots: Tensor | None, names: Any, out: Any,
+                    state: dict[str, Tensor]) -> Callable[..., None]:
+    """Resume :func:`exact_patching` from ``out`` (its ``state`` loaded in place) and return the function
+    that saves its progress (every ``_SAVE_EVERY_S`` seconds, and with ``final=True``); a no-op without
+    ``out``. The settings that decide the (batch, chunk) units and their values are the fingerprint."""
+    if out is None:
+        return lambda final=False: None
+    from edgepatch.graph import model_spec
+    from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
+
+    abl_id = f"{ablation.kind}:{digest(ablation.values)}" if isinstance(ablation, Ablation) else str(ablation)
+    fingerprint = {
+        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
+        "model": f"{model_spec(model)}|{model_checksum(model)}", "metric": metric_name(metric),
+        "ablation": abl_id, "data": data_hash(data), "batch_size": batch_size,
+        "edges_per_forward": edges_per_forward, "edges": digest(todo),
+        "positions": None if slots is None else {"slots": list(names), "tokens": digest(slots)},
+    }
+    path = open_progress(Path(out), fingerprint, state, what="exact patching")
+    last = [time.perf_counter()]
+
+    def save(final: bool = False) -> None:
+        if final or time.perf_counter() - last[0] >= _SAVE_EVERY_S:
+            save_progress(path, state, fingerprint)
+            last[0] = time.perf_counter()
+
+    return save
 
 
 def _repeat(batch: PromptPairs, c: int) -> PromptPairs:

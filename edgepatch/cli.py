@@ -10,7 +10,8 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
 ``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
 (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
-continue where it stopped (``--no-resume`` starts over). With ``--positions absolute|named`` (EAP,
+continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, sweeps and exact
+patching (``exact/``) resume from their progress files, other methods' scoring starts over. With ``--positions absolute|named`` (EAP,
 EAP-IG, exact), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
@@ -274,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     results: dict[str, Any] = {}
     rows = []
+    stage = ""  # what runs now, for the message after an interruption
     try:
         for method in methods:
             scores_path = out / f"scores_{method}{tag}"
@@ -293,9 +295,13 @@ def run(args: argparse.Namespace) -> int:
                     opts = {"seed": args.seed}
                 if args.positions:
                     opts["positions"] = args.positions
+                if method == "exact" and args.resume:
+                    opts["out"] = out / f"exact{tag}"  # exact patching keeps its progress too
+                stage = f"scoring with {method}"
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
                 epio.save_scores(scores, scores_path)
             record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
+            stage = ""
             t = time.perf_counter()
             result = run_sweep(model, graph, scores, data, counts=counts, metric=args.metric,
                                ablation=args.ablation, direction=args.direction,
@@ -323,7 +329,9 @@ def run(args: argparse.Namespace) -> int:
         record["status"] = "interrupted"
         record["timings"]["total_s"] = time.perf_counter() - t_start
         record_path.write_text(json.dumps(record, indent=2, default=str))
-        print(f"\nInterrupted. Everything done so far is saved in {out}; run the same command again to resume.",
+        lost = (f" The {stage} that was running keeps no progress and starts over (exact patching and sweeps resume)."
+                if stage and stage != "scoring with exact" else "")
+        print(f"\nInterrupted. Everything done so far is saved in {out}; run the same command again to resume.{lost}",
               file=sys.stderr)
         return 130
     fig = plots.plot_faithfulness({m.upper(): r for m, r in results.items()})

@@ -102,8 +102,9 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
         diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
+            article = "an" if what[0] in "aeiou" else "a"
             raise EdgepatchError(
-                f"out={str(out_dir)!r} holds a {what} with different settings ({shown}"
+                f"out={str(out_dir)!r} holds {article} {what} with different settings ({shown}"
                 f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
                 f"{str(out_dir)!r} to start over."
             )

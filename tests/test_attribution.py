@@ -160,6 +160,47 @@ def test_per_position_exact_patching_matches_single_pair_patches(model_class):
         exact_patching(model, g, data, edges=torch.ones(3, 4, dtype=torch.bool), positions=slots, progress=False)
 
 
+def test_exact_patching_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """exact_patching(out=...) keeps its progress: interrupted after some forwards, the same call resumes
+    with the rest only and gives the uninterrupted scores; a finished run is read back without forwards;
+    other settings are refused, naming what differs. Per position too."""
+    from edgepatch import attribution as attribution_mod
+
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model, n=5)
+    slots = torch.zeros_like(data.clean)
+    slots[:, -1] = 1
+    monkeypatch.setattr(attribution_mod, "_SAVE_EVERY_S", 0.0)  # save after every forward
+    real = attribution_mod.patch
+    for kw in ({}, {"positions": slots}):
+        out = tmp_path / ("pos" if kw else "edge")
+        opts = dict(edges_per_forward=13, batch_size=3, progress=False, **kw)
+        full = exact_patching(model, g, data, "logit_diff", **opts)
+        n_forwards = full.info["forwards"]
+        calls = []
+
+        def interrupt_after_three(*args, **kwargs):
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attribution_mod, "patch", interrupt_after_three)
+        with pytest.raises(KeyboardInterrupt):
+            exact_patching(model, g, data, "logit_diff", out=out, **opts)
+        monkeypatch.setattr(attribution_mod, "patch", real)
+        resumed = exact_patching(model, g, data, "logit_diff", out=out, **opts)
+        assert resumed.info["forwards"] == n_forwards - 3
+        assert torch.equal(resumed.scores.nan_to_num(7), full.scores.nan_to_num(7))
+        again = exact_patching(model, g, data, "logit_diff", out=out, **opts)
+        assert again.info["forwards"] == 0 and torch.equal(again.scores.nan_to_num(7), full.scores.nan_to_num(7))
+    with pytest.raises(EdgepatchError, match=r"holds an exact patching with different settings \(edges_per_forward: "
+                                             r"saved 13, now 7\)\. Use another out folder"):
+        exact_patching(model, g, data, "logit_diff", edges_per_forward=7, batch_size=3, out=tmp_path / "edge",
+                       progress=False)
+
+
 def test_exact_with_kl_and_a_callable_metric():
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)

@@ -90,6 +90,47 @@ def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     assert scores.slots == ("IO", "S1", "S1+1", "S2", "END", "other")
 
 
+def test_interrupted_exact_patching_resumes(tmp_path, monkeypatch, capsys):
+    """Exact patching keeps its progress in the run's folder: the command interrupted while it scores says
+    so, and the same command again runs only the forwards not done; a method without progress says that it
+    starts over."""
+    from edgepatch import attribution as attribution_mod
+
+    out = tmp_path / "exact"
+    monkeypatch.setattr(attribution_mod, "_SAVE_EVERY_S", 0.0)
+    real = attribution_mod.patch
+    calls = []
+
+    def interrupt_after_one(*args, **kwargs):  # (two batches of prompts, all edges in one forward each)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution_mod, "patch", interrupt_after_one)
+    argv = ["sweep", *FAST, "--method", "exact", "--out", str(out)]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "starts over" not in err
+    assert (out / "exact" / "progress.safetensors").exists()
+    calls.clear()
+    monkeypatch.setattr(attribution_mod, "patch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli.main(argv) == 0
+    total = len(calls)
+    calls.clear()
+    assert cli.main([*argv, "--no-resume", "--out", str(tmp_path / "fresh")]) == 0
+    assert total == len(calls) - 1 and total >= 1  # the forward done before the interruption is not run again
+
+    import edgepatch as ep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ep, "attribute", interrupted)
+    assert cli.main(["sweep", *FAST, "--method", "acdc", "--out", str(tmp_path / "acdc")]) == 130
+    assert "The scoring with acdc that was running keeps no progress and starts over" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_random_models_run_the_tasks_their_vocabulary_allows(tmp_path, model_class):
     """random:tiny (101 tokens) has no tokenizer in either class, so induction draws from its vocabulary (the
