@@ -75,6 +75,10 @@ Example
 
 from __future__ import annotations
 
+import math
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +103,37 @@ from edgepatch.patching import Ablation, _check_graph, engine_flags, patch
 from edgepatch.scores import EdgeScores
 
 __all__ = ["acdc", "visiting_order", "dest_owners"]
+
+
+_SAVE_EVERY_S = 5.0  # the progress file under `out`: at most this often
+
+
+def _resume(model: Any, graph: Graph, data: PromptPairs, metric_name: str, threshold: float, absolute: bool,
+            ablation: Any, batch_size: int, batch_candidates: int, speculate: str, out: Any,
+            state: dict[str, Tensor]) -> Any:
+    """Load the search ``state`` from ``out`` (in place) where it holds one with the same settings; return
+    the function that saves it (every ``_SAVE_EVERY_S`` seconds, and with ``final=True``)."""
+    if out is None:
+        return lambda final=False: None
+    from edgepatch.graph import model_spec
+    from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
+
+    abl_id = f"{ablation.kind}:{digest(ablation.values)}" if isinstance(ablation, Ablation) else str(ablation)
+    fingerprint = {
+        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
+        "model": f"{model_spec(model)}|{model_checksum(model)}", "data": data_hash(data), "metric": metric_name,
+        "threshold": threshold, "absolute": absolute, "ablation": abl_id, "batch_size": batch_size,
+        "batch_candidates": batch_candidates, "speculate": speculate,
+    }
+    path = open_progress(Path(out), fingerprint, state, what="ACDC search")
+    last = [time.perf_counter()]
+
+    def save(final: bool = False) -> None:
+        if final or time.perf_counter() - last[0] >= _SAVE_EVERY_S:
+            save_progress(path, state, fingerprint)
+            last[0] = time.perf_counter()
+
+    return save
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -208,6 +243,7 @@ def acdc(
     absolute: bool | None = None,
     speculate: str = "adaptive",
     progress: bool = True,
+    out: "str | os.PathLike | None" = None,
 ) -> EdgeScores:
     """Run ACDC (see the module docstring) and return its scores and final circuit.
 
@@ -220,7 +256,9 @@ def acdc(
     ``batch_candidates``: candidate edges evaluated per forward (1 = plain sequential ACDC; the result is
     the same for every value). ``speculate``: how a block predicts the outcomes before it (``"adaptive"``,
     ``"keep"``, ``"remove"``; changes the number of forwards, never the result). ``batch_size``: prompts
-    per forward (each forward holds ``batch_candidates * batch_size`` rows).
+    per forward (each forward holds ``batch_candidates * batch_size`` rows). ``out``: a folder for
+    resumable progress (as in :func:`edgepatch.sweep`): the search state is written every few seconds,
+    and the same call again continues from it, with the same result as an uninterrupted run.
 
     Returns :class:`~edgepatch.scores.EdgeScores`: ``scores`` = ``metric(without edge) - metric(current)``
     measured when the edge was tested (0 for untested edges of disconnected destinations), ``circuit_mask``
@@ -279,15 +317,36 @@ def acdc(
             return True
         return stale.get(i, last_removed)
 
+    # the search state at block boundaries, which decides the rest of the search (and what `out` keeps)
+    state = {"circuit": circuit, "scores": scores, "tested": tested.to(torch.uint8),
+             "skipped": torch.zeros(graph.n_dest, dtype=torch.uint8),
+             "scalars": torch.tensor([0, -1, math.nan, math.nan, 0, 0, 0, 0], dtype=torch.float64)}
+    save = _resume(model, graph, data, metric_name, threshold, absolute, ablation, batch_size, batch_candidates,
+                   speculate, out, state)
+    circuit, scores, tested = state["circuit"], state["scores"], state["tested"].bool()
+    skipped = [d for d in range(graph.n_dest - 1, -1, -1) if state["skipped"][d]]  # (visiting order)
+    ptr_, checked_, current_, initial_, last_, n_blocks, n_mispredicted, forwards_before = state["scalars"].tolist()
+    last_removed = bool(last_)
+
+    def checkpoint() -> None:
+        state.update(circuit=circuit, scores=scores, tested=tested.to(torch.uint8))
+        state["skipped"].zero_()
+        state["skipped"][skipped] = 1
+        state["scalars"] = torch.tensor([ptr, checked_dest, current, initial, last_removed, n_blocks, n_mispredicted,
+                                         forwards_before + ev.n_forwards], dtype=torch.float64)
+        save()
+
     with _eval_mode(model), engine_flags(model), torch.no_grad():
         batches = [(b, a, _prepared_metric(model, metric_fn, b))
                    for b, a in _batches_with_ablation(model, graph, data, ablation, batch_size)]
         with _CircuitEvaluator(model, graph, batches) as ev:
-            current = float(ev.evaluate(circuit[None])[0])
-            initial = current
+            if math.isnan(current_):  # a new search (else resumed from `out`)
+                current_ = initial_ = float(ev.evaluate(circuit[None])[0])
+            current, initial = current_, initial_
+            ptr = int(ptr_)
+            checked_dest = int(checked_)  # the destination whose connectivity the commit walk checked last
             bar = _progress(progress, len(flat), f"ACDC ({graph.n_edges:,} edges)")
-            ptr = 0
-            checked_dest = -1  # the destination whose connectivity the commit walk checked last
+            bar.update(ptr)
             while ptr < len(flat):
                 # -- build a block: the next C candidates along the predicted path of decisions
                 path = circuit.clone()  # the circuit if every prediction in the block comes true
@@ -348,11 +407,14 @@ def acdc(
                 if ptr == start and block:  # cannot happen: the walk always reaches block[0]
                     raise EdgepatchError("acdc: internal error, no progress; please report this graph.")
                 bar.update(ptr - start)
+                checkpoint()
             bar.close()
             final_circuit = circuit.bool() & graph.valid
             for d in skipped:
                 final_circuit[:, d] = False
-            n_forwards_search = ev.n_forwards
+            n_forwards_search = int(forwards_before) + ev.n_forwards
+            checkpoint()
+            save(final=True)
 
     n_tested = int(tested.sum())
     n_batches = len(batches)
@@ -362,8 +424,8 @@ def acdc(
         "batch_candidates": batch_candidates,
         "ablation": _ablation_kind(ablation),
         "n_forwards": n_forwards_search,
-        "n_blocks": n_blocks,
-        "n_mispredicted": n_mispredicted,
+        "n_blocks": int(n_blocks),
+        "n_mispredicted": int(n_mispredicted),
         "speculate": speculate,
         "n_forwards_sequential": (1 + n_tested) * n_batches,
         "n_tested": n_tested,

@@ -102,7 +102,7 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
         diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
-            article = "an" if what[0] in "aeiou" else "a"
+            article = "an" if what[0].lower() in "aeiou" else "a"
             raise EdgepatchError(
                 f"out={str(out_dir)!r} holds {article} {what} with different settings ({shown}"
                 f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
@@ -112,7 +112,7 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
             if k in state and state[k].shape == v.shape:
                 state[k] = v.to(state[k].dtype)
     else:
-        atomic_write_text(out_dir / f"{what.replace(' ', '_')}.json", json.dumps({"fingerprint": fingerprint}, indent=1))
+        atomic_write_text(out_dir / f"{what.replace(' ', '_').lower()}.json", json.dumps({"fingerprint": fingerprint}, indent=1))
     return path
 
 

@@ -170,6 +170,47 @@ def test_batching_saves_forwards_and_is_independent_of_block_size(data):
     assert runs[32].info["n_forwards"] == 1 + runs[32].info["n_blocks"]
 
 
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, data):
+    """acdc(out=...) keeps its search state: interrupted after a few blocks, the same call continues from
+    there (no forward repeated) and ends with the uninterrupted run's circuit, scores and counts; a finished
+    search is read back without a forward; other settings are refused."""
+    import sys
+
+    acdc_mod = sys.modules["edgepatch.acdc"]  # (edgepatch.acdc is also the function's name)
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    opts = dict(threshold=0.03, batch_candidates=8, progress=False)
+    full = acdc(model, graph, data, "logit_diff", **opts)
+    monkeypatch.setattr(acdc_mod, "_SAVE_EVERY_S", 0.0)
+    real = acdc_mod._CircuitEvaluator.evaluate
+    calls = []
+
+    def interrupt_after_four(self, W):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, W)
+
+    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", interrupt_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        acdc(model, graph, data, "logit_diff", out=tmp_path, **opts)
+    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", real)
+    resumed = acdc(model, graph, data, "logit_diff", out=tmp_path, **opts)
+    assert torch.equal(resumed.circuit_mask, full.circuit_mask)
+    assert torch.equal(resumed.info["tested"], full.info["tested"])
+    assert torch.allclose(resumed.scores, full.scores, atol=1e-6, rtol=0, equal_nan=True)
+    assert resumed.info["metric_final"] == pytest.approx(full.info["metric_final"], abs=1e-9)
+    assert 0 < int(full.circuit_mask.sum()) < graph.n_edges
+    assert resumed.info["n_forwards"] == 1 + resumed.info["n_blocks"]  # none repeated (the 4 before included)
+    calls.clear()
+    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", lambda self, W: calls.append(1) or real(self, W))
+    again = acdc(model, graph, data, "logit_diff", out=tmp_path, **opts)
+    assert calls == [] and torch.equal(again.circuit_mask, full.circuit_mask)
+    with pytest.raises(EdgepatchError, match=r"holds an ACDC search with different settings \(threshold: saved 0.03, "
+                                             r"now 0.05\)"):
+        acdc(model, graph, data, "logit_diff", out=tmp_path, **{**opts, "threshold": 0.05})
+
+
 # ------------------------------------------------------------------------------------------------------
 # Threshold extremes
 # ------------------------------------------------------------------------------------------------------
