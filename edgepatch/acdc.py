@@ -77,8 +77,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,35 +103,23 @@ from edgepatch.scores import EdgeScores
 __all__ = ["acdc", "visiting_order", "dest_owners"]
 
 
-_SAVE_EVERY_S = 5.0  # the progress file under `out`: at most this often
-
-
 def _resume(model: Any, graph: Graph, data: PromptPairs, metric_name: str, threshold: float, absolute: bool,
             ablation: Any, batch_size: int, batch_candidates: int, speculate: str, out: Any,
             state: dict[str, Tensor]) -> Any:
     """Load the search ``state`` from ``out`` (in place) where it holds one with the same settings; return
-    the function that saves it (every ``_SAVE_EVERY_S`` seconds, and with ``final=True``)."""
+    the function that saves it (:func:`edgepatch.progress.resumable`)."""
     if out is None:
         return lambda final=False: None
     from edgepatch.graph import model_spec
-    from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
+    from edgepatch.progress import ablation_id, data_hash, model_checksum, resumable
 
-    abl_id = f"{ablation.kind}:{digest(ablation.values)}" if isinstance(ablation, Ablation) else str(ablation)
     fingerprint = {
         "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
         "model": f"{model_spec(model)}|{model_checksum(model)}", "data": data_hash(data), "metric": metric_name,
-        "threshold": threshold, "absolute": absolute, "ablation": abl_id, "batch_size": batch_size,
+        "threshold": threshold, "absolute": absolute, "ablation": ablation_id(ablation), "batch_size": batch_size,
         "batch_candidates": batch_candidates, "speculate": speculate,
     }
-    path = open_progress(Path(out), fingerprint, state, what="ACDC search")
-    last = [time.perf_counter()]
-
-    def save(final: bool = False) -> None:
-        if final or time.perf_counter() - last[0] >= _SAVE_EVERY_S:
-            save_progress(path, state, fingerprint)
-            last[0] = time.perf_counter()
-
-    return save
+    return resumable(out, fingerprint, state, "ACDC search")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -602,37 +601,25 @@ def exact_patching(
     return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info, slots=names)
 
 
-_SAVE_EVERY_S = 5.0  # exact patching's progress file: at most this often (a forward takes well under that)
-
-
 def _exact_progress(model: Any, graph: Graph, data: PromptPairs, metric: Any, ablation: Any, batch_size: int,
                     edges_per_forward: int, todo: Tensor, slots: Tensor | None, names: Any, out: Any,
                     state: dict[str, Tensor]) -> Callable[..., None]:
     """Resume :func:`exact_patching` from ``out`` (its ``state`` loaded in place) and return the function
-    that saves its progress (every ``_SAVE_EVERY_S`` seconds, and with ``final=True``); a no-op without
-    ``out``. The settings that decide the (batch, chunk) units and their values are the fingerprint."""
+    that saves its progress (:func:`edgepatch.progress.resumable`). The settings that decide the (batch,
+    chunk) units and their values are the fingerprint."""
     if out is None:
         return lambda final=False: None
     from edgepatch.graph import model_spec
-    from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
+    from edgepatch.progress import ablation_id, data_hash, digest, model_checksum, resumable
 
-    abl_id = f"{ablation.kind}:{digest(ablation.values)}" if isinstance(ablation, Ablation) else str(ablation)
     fingerprint = {
         "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
         "model": f"{model_spec(model)}|{model_checksum(model)}", "metric": metric_name(metric),
-        "ablation": abl_id, "data": data_hash(data), "batch_size": batch_size,
+        "ablation": ablation_id(ablation), "data": data_hash(data), "batch_size": batch_size,
         "edges_per_forward": edges_per_forward, "edges": digest(todo),
         "positions": None if slots is None else {"slots": list(names), "tokens": digest(slots)},
     }
-    path = open_progress(Path(out), fingerprint, state, what="exact patching")
-    last = [time.perf_counter()]
-
-    def save(final: bool = False) -> None:
-        if final or time.perf_counter() - last[0] >= _SAVE_EVERY_S:
-            save_progress(path, state, fingerprint)
-            last[0] = time.perf_counter()
-
-    return save
+    return resumable(out, fingerprint, state, "exact patching")
 
 
 def _repeat(batch: PromptPairs, c: int) -> PromptPairs:

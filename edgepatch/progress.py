@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -118,6 +119,32 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
 
 def save_progress(path: Path, state: dict[str, Tensor], fingerprint: dict[str, Any], **extra: Any) -> None:
     atomic_save(state, path, {"edgepatch": json.dumps({"fingerprint": fingerprint, **extra})})
+
+
+SAVE_EVERY_S = 5.0  # runs that save after every step of work (exact patching, ACDC): at most this often
+
+
+def resumable(out: Any, fingerprint: dict[str, Any], state: dict[str, Tensor], what: str) -> Callable[..., None]:
+    """Resume from the folder ``out`` (``state`` loaded in place, see :func:`open_progress`) and return the
+    function that saves ``state`` there: at most every ``SAVE_EVERY_S`` seconds, and always with
+    ``final=True``. Without ``out``, a function that does nothing."""
+    if out is None:
+        return lambda final=False: None
+    path = open_progress(Path(out), fingerprint, state, what=what)
+    last = [time.perf_counter()]
+
+    def save(final: bool = False) -> None:
+        if final or time.perf_counter() - last[0] >= SAVE_EVERY_S:
+            save_progress(path, state, fingerprint)
+            last[0] = time.perf_counter()
+
+    return save
+
+
+def ablation_id(ablation: Any) -> str:
+    """An ablation as a fingerprint entry: its name, or its kind and a hash of a given Ablation's values."""
+    values = getattr(ablation, "values", None)
+    return f"{ablation.kind}:{digest(values)}" if isinstance(values, Tensor) else str(ablation)
 
 
 def _short(v: Any) -> str:

@@ -177,11 +177,12 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, da
     import sys
 
     acdc_mod = sys.modules["edgepatch.acdc"]  # (edgepatch.acdc is also the function's name)
+    from edgepatch import progress
     model = _model("tiny", "hooked")
     graph = ep.build_graph(model)
     opts = dict(threshold=0.03, batch_candidates=8, progress=False)
     full = acdc(model, graph, data, "logit_diff", **opts)
-    monkeypatch.setattr(acdc_mod, "_SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
     real = acdc_mod._CircuitEvaluator.evaluate
     calls = []
 

@@ -165,13 +165,14 @@ def test_exact_patching_resumes_after_an_interruption(tmp_path, monkeypatch):
     with the rest only and gives the uninterrupted scores; a finished run is read back without forwards;
     other settings are refused, naming what differs. Per position too."""
     from edgepatch import attribution as attribution_mod
+    from edgepatch import progress
 
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)
     data = data_for(model, n=5)
     slots = torch.zeros_like(data.clean)
     slots[:, -1] = 1
-    monkeypatch.setattr(attribution_mod, "_SAVE_EVERY_S", 0.0)  # save after every forward
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)  # save after every forward
     real = attribution_mod.patch
     for kw in ({}, {"positions": slots}):
         out = tmp_path / ("pos" if kw else "edge")

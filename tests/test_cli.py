@@ -95,9 +95,10 @@ def test_interrupted_exact_patching_resumes(tmp_path, monkeypatch, capsys):
     so, and the same command again runs only the forwards not done; a method without progress says that it
     starts over."""
     from edgepatch import attribution as attribution_mod
+    from edgepatch import progress
 
     out = tmp_path / "exact"
-    monkeypatch.setattr(attribution_mod, "_SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
     real = attribution_mod.patch
     calls = []
 
