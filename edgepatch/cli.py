@@ -95,18 +95,27 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> str:
 
 def _counts(arg: str) -> Any:
     """``--counts``: a spec name, or comma-separated edge counts (ints) and fractions (floats in (0, 1))."""
-    if "," not in arg and not arg.strip().replace(".", "", 1).isdigit():
-        from edgepatch.sweep import COUNT_SPECS
-
-        return _check_choice("counts", arg, COUNT_SPECS)  # a spec name
-    out: list[Any] = []
-    for part in arg.split(","):
+    def number(part: str) -> int | float:
         part = part.strip()
         try:
-            out.append(int(part) if part.isdigit() else float(part))
+            return int(part)
         except ValueError:
-            raise CliError(f"--counts {arg!r}: {part!r} is not a number; give comma-separated edge counts and "
-                           f"fractions, e.g. --counts 10,100,0.05, or one of mib, log, all, groups.") from None
+            return float(part)
+
+    if "," not in arg:
+        try:
+            return [number(arg)]
+        except ValueError:
+            from edgepatch.sweep import COUNT_SPECS
+
+            return _check_choice("counts", arg, COUNT_SPECS)  # a spec name
+    out: list[Any] = []
+    for part in arg.split(","):
+        try:
+            out.append(number(part))
+        except ValueError:
+            raise CliError(f"--counts {arg!r}: {part.strip()!r} is not a number; give comma-separated edge counts "
+                           f"and fractions, e.g. --counts 10,100,0.05, or one of mib, log, all, groups.") from None
     return out
 
 

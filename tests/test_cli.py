@@ -85,6 +85,7 @@ def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert json.loads((out / "run_pos-named.json").read_text())["counts"] == [10, 100]  # --counts 10,100
+    assert cli._counts("1e-3") == [0.001] and cli._counts("7") == [7] and cli._counts("MIB") == "mib"
     assert "(position slot, edge) pairs (named positions)" in text or "none of the swept sizes" in text
     scores = ep.io.load_scores(out / "scores_eap_pos-named")
     assert scores.slots == ("IO", "S1", "S1+1", "S2", "END", "other")
