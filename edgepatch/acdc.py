@@ -98,28 +98,10 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph, dest_owners
 from edgepatch.patching import Ablation, _check_graph, engine_flags, patch
+from edgepatch.progress import resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["acdc", "visiting_order", "dest_owners"]
-
-
-def _resume(model: Any, graph: Graph, data: PromptPairs, metric_name: str, threshold: float, absolute: bool,
-            ablation: Any, batch_size: int, batch_candidates: int, speculate: str, out: Any,
-            state: dict[str, Tensor]) -> Any:
-    """Load the search ``state`` from ``out`` (in place) where it holds one with the same settings; return
-    the function that saves it (:func:`edgepatch.progress.resumable`)."""
-    if out is None:
-        return lambda final=False: None
-    from edgepatch.graph import model_spec
-    from edgepatch.progress import ablation_id, data_hash, model_checksum, resumable
-
-    fingerprint = {
-        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
-        "model": f"{model_spec(model)}|{model_checksum(model)}", "data": data_hash(data), "metric": metric_name,
-        "threshold": threshold, "absolute": absolute, "ablation": ablation_id(ablation), "batch_size": batch_size,
-        "batch_candidates": batch_candidates, "speculate": speculate,
-    }
-    return resumable(out, fingerprint, state, "ACDC search")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -307,8 +289,9 @@ def acdc(
     state = {"circuit": circuit, "scores": scores, "tested": tested.to(torch.uint8),
              "skipped": torch.zeros(graph.n_dest, dtype=torch.uint8),
              "scalars": torch.tensor([0, -1, math.nan, math.nan, 0, 0, 0, 0], dtype=torch.float64)}
-    save = _resume(model, graph, data, metric_name, threshold, absolute, ablation, batch_size, batch_candidates,
-                   speculate, out, state)
+    save = resumable(out, state, "ACDC search", lambda: run_fingerprint(
+        model, graph, data, ablation, metric=metric_name, threshold=threshold, absolute=absolute,
+        batch_size=batch_size, batch_candidates=batch_candidates, speculate=speculate))
     circuit, scores, tested = state["circuit"], state["scores"], state["tested"].bool()
     skipped = [d for d in range(graph.n_dest - 1, -1, -1) if state["skipped"][d]]  # (visiting order)
     ptr_, checked_, current_, initial_, last_, n_blocks, n_mispredicted, forwards_before = state["scalars"].tolist()

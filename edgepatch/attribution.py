@@ -80,6 +80,7 @@ from edgepatch.patching import (
     source_activations,
     zero_ablation,
 )
+from edgepatch.progress import digest, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 AblationSpec = "str | Ablation"
@@ -555,8 +556,10 @@ def exact_patching(
     n_chunks = math.ceil(len(idx) / edges_per_forward)
     state = {"effects": torch.zeros(len(idx), dtype=torch.float64),  # summed over the (batch, chunk) done
              "done": torch.zeros(math.ceil(n / batch_size), n_chunks, dtype=torch.uint8)}
-    save = _exact_progress(model, graph, data, metric, ablation, batch_size, edges_per_forward, todo, slots, names,
-                           out, state)
+    save = resumable(out, state, "exact patching", lambda: run_fingerprint(
+        model, graph, data, ablation, metric=metric_name(metric), batch_size=batch_size,
+        edges_per_forward=edges_per_forward, edges=digest(todo),
+        positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
     effects = state["effects"]
     t0 = time.perf_counter()
     n_forwards = 0
@@ -599,27 +602,6 @@ def exact_patching(
             "edges_per_forward": edges_per_forward, "seconds": time.perf_counter() - t0,
             "score_kind": "ablation_effect"}
     return EdgeScores(scores, graph, method="exact", metric=metric_name(metric), info=info, slots=names)
-
-
-def _exact_progress(model: Any, graph: Graph, data: PromptPairs, metric: Any, ablation: Any, batch_size: int,
-                    edges_per_forward: int, todo: Tensor, slots: Tensor | None, names: Any, out: Any,
-                    state: dict[str, Tensor]) -> Callable[..., None]:
-    """Resume :func:`exact_patching` from ``out`` (its ``state`` loaded in place) and return the function
-    that saves its progress (:func:`edgepatch.progress.resumable`). The settings that decide the (batch,
-    chunk) units and their values are the fingerprint."""
-    if out is None:
-        return lambda final=False: None
-    from edgepatch.graph import model_spec
-    from edgepatch.progress import ablation_id, data_hash, digest, model_checksum, resumable
-
-    fingerprint = {
-        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
-        "model": f"{model_spec(model)}|{model_checksum(model)}", "metric": metric_name(metric),
-        "ablation": ablation_id(ablation), "data": data_hash(data), "batch_size": batch_size,
-        "edges_per_forward": edges_per_forward, "edges": digest(todo),
-        "positions": None if slots is None else {"slots": list(names), "tokens": digest(slots)},
-    }
-    return resumable(out, fingerprint, state, "exact patching")
 
 
 def _repeat(batch: PromptPairs, c: int) -> PromptPairs:

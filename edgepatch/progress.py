@@ -21,6 +21,7 @@ from torch import Tensor
 
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
+from edgepatch.graph import Graph, model_spec
 
 
 def hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
@@ -124,21 +125,32 @@ def save_progress(path: Path, state: dict[str, Tensor], fingerprint: dict[str, A
 SAVE_EVERY_S = 5.0  # runs that save after every step of work (exact patching, ACDC): at most this often
 
 
-def resumable(out: Any, fingerprint: dict[str, Any], state: dict[str, Tensor], what: str) -> Callable[..., None]:
+def resumable(out: Any, state: dict[str, Tensor], what: str,
+              fingerprint: Callable[[], dict[str, Any]]) -> Callable[..., None]:
     """Resume from the folder ``out`` (``state`` loaded in place, see :func:`open_progress`) and return the
     function that saves ``state`` there: at most every ``SAVE_EVERY_S`` seconds, and always with
-    ``final=True``. Without ``out``, a function that does nothing."""
+    ``final=True``. ``fingerprint`` is called only with ``out`` (it reads the model's parameters). Without
+    ``out``, a function that does nothing."""
     if out is None:
         return lambda final=False: None
-    path = open_progress(Path(out), fingerprint, state, what=what)
+    fingerprint_ = fingerprint()
+    path = open_progress(Path(out), fingerprint_, state, what=what)
     last = [time.perf_counter()]
 
     def save(final: bool = False) -> None:
         if final or time.perf_counter() - last[0] >= SAVE_EVERY_S:
-            save_progress(path, state, fingerprint)
+            save_progress(path, state, fingerprint_)
             last[0] = time.perf_counter()
 
     return save
+
+
+def run_fingerprint(model: Any, graph: Graph, data: PromptPairs, ablation: Any, **settings: Any) -> dict[str, Any]:
+    """What every resumable run depends on (the graph, the model, the prompts, the ablation), plus its own
+    ``settings``. The model's entry reads two large parameters (~0.1 s for GPT-2's embedding)."""
+    return {"graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
+            "model": f"{model_spec(model)}|{model_checksum(model)}", "data": data_hash(data),
+            "ablation": ablation_id(ablation), **settings}
 
 
 def ablation_id(ablation: Any) -> str:

@@ -78,7 +78,7 @@ from torch import Tensor
 
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
-from edgepatch.graph import Graph, model_spec, prune_circuit
+from edgepatch.graph import Graph, prune_circuit
 from edgepatch.metrics import (
     answer_logits,
     answer_view,
@@ -88,7 +88,7 @@ from edgepatch.metrics import (
     reads_answer_only,
 )
 from edgepatch.patching import Ablation, _check_graph, fold_slot_circuits, patch, source_activations
-from edgepatch.progress import data_hash, digest, model_checksum, open_progress, save_progress
+from edgepatch.progress import digest, open_progress, run_fingerprint, save_progress
 from edgepatch.scores import EdgeScores
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
@@ -495,8 +495,7 @@ def sweep(
             "positions= evaluates per-position circuits, but these are edge scores; compute per-position scores "
             "with ep.attribute(..., positions=...), or leave positions out."
         )
-    if positions is not None and prune:
-        raise EdgepatchError("prune=True: MIB's pruning is defined for circuits of edges, not of (position, edge) pairs.")
+    scores._check_prune(prune)  # (per position: MIB's pruning is defined for circuits of edges only)
     slots, _ = position_slots(positions, data, scores.slots) if positions is not None else (None, None)
     if ties not in TIES:
         raise EdgepatchError(f"Unknown ties {ties!r}.{suggest(str(ties), TIES)} Expected 'break' or 'include'.")
@@ -527,9 +526,8 @@ def sweep(
                 f"The given Ablation has {ablation.values.shape[2]} positions but the prompts have {data.pos}; give one "
                 f"value per position or a broadcasting (pos 1) ablation."
             )
-        abl_id = f"{abl_kind}:{digest(ablation.values)}"
     elif isinstance(ablation, str) and ablation in ABLATIONS:
-        abl_kind = abl_id = ablation
+        abl_kind = ablation
     else:
         raise EdgepatchError(
             f"Unknown ablation {ablation!r}.{suggest(str(ablation), ABLATIONS)} Expected one of "
@@ -566,20 +564,6 @@ def sweep(
     plan = _Plan(torch.stack(ranks), items, {it: i for i, it in enumerate(items)}, prune,
                  0 if scores.slots is None else len(scores.slots))
 
-    fingerprint = {
-        "version": _FORMAT_VERSION,
-        "graph": repr(graph), "split_qkv": graph.split_qkv, "level": graph.level,
-        # the checksum reads two large parameters (~0.1 s for GPT-2's embedding): only to resume from `out`
-        "model": f"{model_spec(model)}|{model_checksum(model)}" if out is not None else None,
-        "counts": requested, "effective_counts": effective, "metric": mname, "direction": direction,
-        "ablation": abl_id, "by": by, "ties": ties, "scores": digest(scores.scores), "method": scores.method,
-        "data": data_hash(data), "n_prompts": len(data), "random_baseline": random_baseline, "seed": seed,
-    }
-    if prune:  # (absent when False, so progress saved before the option existed still resumes)
-        fingerprint["prune"] = True
-    if slots is not None:
-        fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": digest(slots)}
-
     # ---- state (possibly resumed) ------------------------------------------------------------------------
     n_prompts = len(data)
     state = {
@@ -591,7 +575,16 @@ def sweep(
     }
     out_dir = Path(out) if out is not None else None
     progress_path = None
+    fingerprint: dict[str, Any] = {}
     if out_dir is not None:
+        fingerprint = run_fingerprint(
+            model, graph, data, ablation, version=_FORMAT_VERSION, counts=requested, effective_counts=effective,
+            metric=mname, direction=direction, by=by, ties=ties, scores=digest(scores.scores),
+            method=scores.method, n_prompts=len(data), random_baseline=random_baseline, seed=seed)
+        if prune:  # (absent when False, so progress saved before the option existed still resumes)
+            fingerprint["prune"] = True
+        if slots is not None:
+            fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": digest(slots)}
         progress_path = open_progress(out_dir, fingerprint, state)
 
     def save_state() -> None:
