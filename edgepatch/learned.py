@@ -88,6 +88,7 @@ from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
 from edgepatch.patching import Ablation, _check_graph, engine_flags
+from edgepatch.progress import resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["learn_masks"]
@@ -122,6 +123,7 @@ def learn_masks(
     ablation: "str | Ablation" = "corrupt",
     batch_size: int = 64,
     progress: bool = True,
+    out: Any = None,
 ) -> EdgeScores:
     """Learn edge masks (see the module docstring) and return their scores and final circuit.
 
@@ -137,6 +139,10 @@ def learn_masks(
     temperature. ``ablation``: ``"corrupt"`` (default), ``"mean"``, ``"pos_mean"``, ``"zero"`` or an
     :class:`~edgepatch.patching.Ablation`. ``init``: initial weight of every edge (default 0.95; continuous: 0.75, so that the
     parameters can still cross 0 before the temperature freezes them). ``seed``: hard-concrete noise.
+    ``out``: a folder for resumable progress (as in :func:`edgepatch.sweep`): the training state after
+    each epoch (mask parameters, both optimizers, random generator, history) is written every few
+    seconds, and a run with the same folder and settings continues from it to the uninterrupted run's
+    result; other settings raise an error.
 
     Returns :class:`~edgepatch.scores.EdgeScores` with ``scores`` = mask parameters (importance, see
     above), ``circuit_mask`` = the final circuit, ``info`` = final density (binary) and expected density,
@@ -198,8 +204,18 @@ def learn_masks(
         held = None
         if len(batches) == 1:  # one patch context for the whole run (entering one installs hooks)
             held = stack.enter_context(train_masks(model, graph, batches[0][1], masks=masks))
+        state = _training_state(masks, opt, lambdas, lambda_opt, epochs, rng_devices)
+        save = resumable(out, state, "learned masks run", lambda: run_fingerprint(
+            model, graph, data, ablation, metric=metric_name, mask_fn=kind, target_sparsity=target_sparsity,
+            penalty_weight=penalty_weight, epochs=epochs, lr=lr, lambda_lr=lambda_lr, warmup=warmup,
+            final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size))
+        start = int(state["epochs_done"])
+        if start:
+            _restore_training(state, masks, opt, lambdas, lambda_opt, rng_devices)
+            history = [_history_row(r) for r in state["history"][:start].tolist()]
         bar = _progress(progress, epochs, f"learn masks ({kind}, {n_edges:,} edges)")
-        for epoch in range(epochs):
+        bar.update(start)
+        for epoch in range(start, epochs):
             if isinstance(fn, ContinuousSparsification):
                 fn.temperature = ContinuousSparsification.schedule(epoch, epochs, final_temperature)
             target = None
@@ -235,9 +251,13 @@ def learn_masks(
             if isinstance(fn, ContinuousSparsification):
                 row["temperature"] = fn.temperature
             history.append(row)
+            _record_epoch(state, masks, opt, lambdas, lambda_opt, row, rng_devices)
+            save(final=epoch == epochs - 1)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4g}", kept=row["n_kept"])
         bar.close()
+        if isinstance(fn, ContinuousSparsification):  # (a run resumed after its last epoch)
+            fn.temperature = ContinuousSparsification.schedule(epochs - 1, epochs, final_temperature)
         masks.eval()
         with torch.no_grad():
             expected = float(masks.penalty()) / n_edges
@@ -270,3 +290,77 @@ def learn_masks(
         info["final_temperature"] = final_temperature
     return EdgeScores(logits_param, graph, method=f"learned_{kind}", metric=metric_name, info=info,
                       circuit_mask=circuit.bool())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resumable training (learn_masks(out=...)): the state after an epoch, as fixed-shape tensors
+# ------------------------------------------------------------------------------------------------------
+
+_HISTORY = ("epoch", "loss", "faithfulness", "density", "n_kept", "lambda1", "lambda2", "target_density",
+            "temperature")  # the history's columns (NaN: absent from the row)
+_INT_COLUMNS = ("epoch", "n_kept")
+
+
+def _adam_tensors(opt: torch.optim.Optimizer, param: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam's (step, exp_avg, exp_avg_sq) for ``param`` (zeros before its first step)."""
+    st = opt.state.get(param, {})
+    zeros = torch.zeros_like(param, memory_format=torch.contiguous_format).detach().cpu()
+    return (st["step"].detach().cpu().reshape(1).float() if "step" in st else torch.zeros(1),
+            st["exp_avg"].detach().cpu() if "exp_avg" in st else zeros,
+            st["exp_avg_sq"].detach().cpu() if "exp_avg_sq" in st else zeros.clone())
+
+
+def _rng_states(devices: list[Any]) -> list[Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _training_state(masks: EdgeMasks, opt: torch.optim.Optimizer, lambdas: Tensor,
+                    lambda_opt: torch.optim.Optimizer, epochs: int, devices: list[Any]) -> dict[str, Tensor]:
+    state = {"epochs_done": torch.zeros((), dtype=torch.int64),
+             "history": torch.full((epochs, len(_HISTORY)), float("nan"), dtype=torch.float64)}
+    _record_epoch(state, masks, opt, lambdas, lambda_opt, None, devices)
+    return state
+
+
+def _record_epoch(state: dict[str, Tensor], masks: EdgeMasks, opt: torch.optim.Optimizer, lambdas: Tensor,
+                  lambda_opt: torch.optim.Optimizer, row: dict[str, Any] | None, devices: list[Any]) -> None:
+    """Put the training state after ``row``'s epoch (before the first epoch: None) into ``state``."""
+    state["logits"] = masks.logits.detach().cpu().clone()
+    state["step"], state["exp_avg"], state["exp_avg_sq"] = _adam_tensors(opt, masks.logits)
+    state["lambdas"] = lambdas.detach().cpu().clone()
+    state["lambda_step"], state["lambda_avg"], state["lambda_avg_sq"] = _adam_tensors(lambda_opt, lambdas)
+    for i, rng in enumerate(_rng_states(devices)):
+        state[f"rng{i}"] = rng
+    if row is not None:
+        state["history"][row["epoch"]] = torch.tensor([float(row.get(k, float("nan"))) for k in _HISTORY],
+                                                      dtype=torch.float64)
+        state["epochs_done"] = torch.tensor(row["epoch"] + 1)
+
+
+def _restore_adam(opt: torch.optim.Optimizer, param: Tensor, step: Tensor, avg: Tensor, avg_sq: Tensor) -> None:
+    if float(step) == 0:  # never stepped (the Lagrangian's optimizer without a target sparsity)
+        return
+    sd = opt.state_dict()
+    sd["state"] = {0: {"step": step.reshape(()).clone(), "exp_avg": avg.to(param.device, param.dtype),
+                       "exp_avg_sq": avg_sq.to(param.device, param.dtype)}}
+    opt.load_state_dict(sd)
+
+
+def _restore_training(state: dict[str, Tensor], masks: EdgeMasks, opt: torch.optim.Optimizer, lambdas: Tensor,
+                      lambda_opt: torch.optim.Optimizer, devices: list[Any]) -> None:
+    with torch.no_grad():
+        masks.logits.copy_(state["logits"])
+        lambdas.copy_(state["lambdas"])
+    _restore_adam(opt, masks.logits, state["step"], state["exp_avg"], state["exp_avg_sq"])
+    _restore_adam(lambda_opt, lambdas, state["lambda_step"], state["lambda_avg"], state["lambda_avg_sq"])
+    torch.set_rng_state(state["rng0"])
+    for i, d in enumerate(devices):
+        torch.cuda.set_rng_state(state[f"rng{i + 1}"], d)
+
+
+def _history_row(values: list[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for k, v in zip(_HISTORY, values):
+        if v == v:  # not NaN
+            row[k] = int(v) if k in _INT_COLUMNS else v
+    return row

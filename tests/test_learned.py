@@ -189,3 +189,56 @@ def test_model_restored_after_an_exception():
     with pytest.raises(RuntimeError, match="boom"):
         learn_masks(model, graph, _data(), broken, epochs=5, progress=False)
     assert_same_state(before, snapshot(model))
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(target_sparsity=0.7, epochs=7),  # hard-concrete noise, both optimizers
+    dict(mask_fn="continuous", penalty_weight=0.5, lr=0.3, epochs=6, batch_size=4),  # temperature schedule, 2 batches
+])
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, recipe):
+    """learn_masks(out=...) keeps its training state after every epoch: interrupted in the middle of an
+    epoch, the same call continues from the last finished epoch (no epoch trained twice) and ends with the
+    uninterrupted run's parameters, circuit and history; a finished run is read back without training;
+    other settings are refused; the model and the global random generator are left as they were."""
+    from edgepatch import progress
+
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    n_batches = -(-_data().batch // recipe.get("batch_size", 64))
+    calls = []
+    stop_at = [None]
+
+    def counted(logits, data):  # logit_diff, counting its calls (one per batch), interrupting on request
+        if stop_at[0] is not None and len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return logit_diff(logits, data)
+
+    opts = dict(metric=counted, progress=False, **recipe)
+    full = learn_masks(model, graph, _data(), **opts)
+    epochs = recipe["epochs"]
+    assert len(calls) == epochs * n_batches
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
+    before, rng = snapshot(model), torch.get_rng_state()
+    calls.clear()
+    stop_at[0] = 3 * n_batches + n_batches // 2 + (n_batches == 1)  # within the 4th epoch (its 2nd batch, or 5th epoch's 1st)
+    with pytest.raises(KeyboardInterrupt):
+        learn_masks(model, graph, _data(), out=tmp_path, **opts)
+    assert_same_state(before, snapshot(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+    done = stop_at[0] // n_batches  # epochs finished before the interruption
+    calls.clear()
+    stop_at[0] = None
+    resumed = learn_masks(model, graph, _data(), out=tmp_path, **opts)
+    assert len(calls) == (epochs - done) * n_batches  # the finished epochs are not trained again
+    assert torch.equal(resumed.scores.nan_to_num(0), full.scores.nan_to_num(0))
+    assert torch.equal(resumed.circuit_mask, full.circuit_mask)
+    assert resumed.info["history"] == full.info["history"]
+    assert resumed.info["n_kept"] == full.info["n_kept"] and 0 < full.info["n_kept"] < graph.n_edges
+    calls.clear()
+    again = learn_masks(model, graph, _data(), out=tmp_path, **opts)
+    assert calls == [] and torch.equal(again.scores.nan_to_num(0), full.scores.nan_to_num(0))
+    assert again.info["history"] == full.info["history"]
+    with pytest.raises(EdgepatchError, match=r"holds a learned masks run with different settings \(seed: saved 0, "
+                                             r"now 1\)"):
+        learn_masks(model, graph, _data(), out=tmp_path, seed=1, **opts)
