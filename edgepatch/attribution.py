@@ -297,6 +297,7 @@ def eap(
     progress: bool = True,
     positions: Any = None,
     slot_names: Any = None,
+    out: str | os.PathLike | None = None,
 ) -> EdgeScores:
     """Edge attribution patching: ``score = (â_s - o_s) · dMetric/dx_d``, one clean forward + backward and
     one ablated (corrupted) forward per batch.
@@ -310,7 +311,11 @@ def eap(
     scored), ``positions="named"`` (the slots the task names: ``tasks.ioi``'s IO, S1, S1+1, S2, END and
     other) or a ``[n_prompts, pos]`` integer tensor giving each token's slot (-1: none); ``slot_names``
     names the slots. The scores then equal ``-dMetric/dW`` at
-    ``W = 1`` for weights ``W`` ``[n_slots, n_src, n_dest]`` patched with those ``positions``."""
+    ``W = 1`` for weights ``W`` ``[n_slots, n_src, n_dest]`` patched with those ``positions``.
+
+    ``out``: a folder for resumable progress (as in :func:`edgepatch.sweep`): the scores summed over the
+    batches done, written every few seconds; run again with the same folder and settings to skip those
+    batches."""
     if getattr(get_metric(metric), "needs_clean", False):
         warnings.warn(
             f"eap with metric {metric_name(metric)!r}: this metric compares the patched run with the clean run "
@@ -319,7 +324,7 @@ def eap(
             f"as 'logit_diff'.", RuntimeWarning, stacklevel=2)
     return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size,
                        progress=progress, steps=1, variant="inputs", method="eap", positions=positions,
-                       slot_names=slot_names)
+                       slot_names=slot_names, out=out)
 
 
 def eap_ig(
@@ -335,10 +340,11 @@ def eap_ig(
     progress: bool = True,
     positions: Any = None,
     slot_names: Any = None,
+    out: str | os.PathLike | None = None,
 ) -> EdgeScores:
     """EAP with integrated gradients over ``steps`` points (see the module docstring for the variants
     ``"inputs"``, ``"activations"`` and ``"clean-corrupted"``). ``positions``, ``slot_names``: per-position
-    scores, as in :func:`eap`."""
+    scores, as in :func:`eap`; ``out``: resumable progress, as in :func:`eap`."""
     variants = ("inputs", "activations", "clean-corrupted")
     if variant not in variants:
         raise EdgepatchError(f"Unknown EAP-IG variant {variant!r}; expected one of {variants}.{suggest(variant, variants)}")
@@ -346,7 +352,7 @@ def eap_ig(
         raise EdgepatchError(f"steps must be a positive integer; got {steps!r}.")
     return _integrated(model, graph, data, metric, ablation=ablation, batch_size=batch_size, progress=progress,
                        steps=steps, variant=variant, method=f"eap-ig-{variant}" if variant != "inputs" else "eap-ig",
-                       positions=positions, slot_names=slot_names)
+                       positions=positions, slot_names=slot_names, out=out)
 
 
 def position_slots(positions: Any, data: PromptPairs, slot_names: Any = None) -> tuple[Tensor | None, tuple[str, ...] | None]:
@@ -410,7 +416,7 @@ def position_slots(positions: Any, data: PromptPairs, slot_names: Any = None) ->
 @torch.enable_grad()
 def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, ablation: Any, batch_size: int,
                 progress: bool, steps: int, variant: str, method: str, positions: Any = None,
-                slot_names: Any = None) -> EdgeScores:
+                slot_names: Any = None, out: str | os.PathLike | None = None) -> EdgeScores:
     _check_graph(model, graph)
     data = check_data(model, data)
     slots, names = position_slots(positions, data, slot_names)
@@ -423,15 +429,31 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
     n = len(data)
     t0 = time.perf_counter()
     points = 2 if variant == "clean-corrupted" else steps
+    # the scores summed over the batches done: acc is the state's tensor where it lives on the CPU
+    state = {"acc": acc if acc.device.type == "cpu" else acc.cpu(), "batches_done": torch.zeros(1, dtype=torch.int64)}
+    save = resumable(out, state, f"{method.upper()} run", lambda: run_fingerprint(
+        model, graph, data, ablation, metric=metric_name(metric), steps=steps, variant=variant, batch_size=batch_size,
+        positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
+    done = int(state["batches_done"])
+    if done:
+        acc.copy_(state["acc"])
     bar = progress_bar(math.ceil(n / batch_size) * points, method, progress)
+    bar.update(done * points)
     fast = reads_answer_only(get_metric(metric))
     with frozen(model):
-        for sl, full in batches(data, batch_size):
+        for i, (sl, full) in enumerate(batches(data, batch_size)):
+            if i < done:
+                continue
             # unembed only the answer positions (built-in metrics), without TransformerLens's W_U copy
             # (see final_logits), which autograd would otherwise keep until the backward
             _integrate_batch(model, graph, full, answer_view(full) if fast else full, abl_source(full, sl),
                              metric, acc, n, steps, variant, bar, device, full.answer_pos if fast else None,
                              None if slots is None else slots[sl].to(device))
+            if out is not None:
+                if state["acc"] is not acc:
+                    state["acc"] = acc.cpu()
+                state["batches_done"] = torch.tensor([i + 1])
+                save(final=i + 1 == math.ceil(n / batch_size))
     bar.close()
     # acc accumulated +grad·(o - â) = dM/dw; scores estimate the effect of ablating: -dM/dw.
     # (The activations branch subtracted its gradients, so negate only the probe's sum.)

@@ -10,9 +10,9 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
 ``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
 (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
-continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, sweeps, exact
-patching (``exact/``) and ACDC (``acdc/``) resume from their progress files, other methods' scoring starts
-over. With ``--positions absolute|named`` (EAP,
+continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
+the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
+their progress files (``<method>/``). With ``--positions absolute|named`` (EAP,
 EAP-IG, exact), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
@@ -31,7 +31,8 @@ from typing import Any, Sequence
 TASKS = ("ioi", "greater-than", "induction", "sva")
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned", "random",
            "activation-magnitude")
-RESUMING = ("exact", "acdc")  # methods that keep their progress in the run's folder
+# methods that keep their progress in the run's folder (random and activation-magnitude take seconds)
+RESUMING = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned")
 POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact")  # --positions
 
 
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.positions:
                     opts["positions"] = args.positions
                 if method in RESUMING and args.resume:
-                    opts["out"] = out / f"{method}{tag}"  # exact patching and ACDC keep their progress too
+                    opts["out"] = out / f"{method}{tag}"  # the scoring's progress
                 stage = f"scoring with {method}"
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
                 epio.save_scores(scores, scores_path)
@@ -340,8 +341,8 @@ def run(args: argparse.Namespace) -> int:
         record["status"] = "interrupted"
         record["timings"]["total_s"] = time.perf_counter() - t_start
         record_path.write_text(json.dumps(record, indent=2, default=str))
-        lost = (f" The {stage} that was running keeps no progress and starts over (sweeps, exact patching and "
-                f"ACDC resume)." if stage and stage.split()[-1] not in RESUMING else "")
+        lost = (f" The {stage} that was running keeps no progress and starts over."
+                if stage and stage.split()[-1] not in RESUMING else "")
         print(f"\nInterrupted. Everything done so far is saved in {out}; run the same command again to resume.{lost}",
               file=sys.stderr)
         return 130

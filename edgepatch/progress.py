@@ -1,5 +1,5 @@
-"""Resumable progress for long runs (sweeps, exact patching): fingerprints of what a run depends on, and
-progress files written atomically.
+"""Resumable progress for long runs (sweeps, EAP / EAP-IG, exact patching, ACDC, learned masks):
+fingerprints of what a run depends on, and progress files written atomically.
 
 A run with ``out=folder`` writes its settings (``<what>.json``) once and its progress
 (``progress.safetensors``) as it goes, to a temporary file moved into place, so an interruption never

@@ -202,6 +202,51 @@ def test_exact_patching_resumes_after_an_interruption(tmp_path, monkeypatch):
                        progress=False)
 
 
+@pytest.mark.parametrize("method, kw", [("eap", {}), ("eap-ig", {"steps": 3}),
+                                        ("eap-ig", {"steps": 2, "variant": "activations"}),
+                                        ("eap", {"positions": "absolute"})])
+def test_attribution_resumes_after_an_interruption(tmp_path, monkeypatch, method, kw):
+    """EAP and EAP-IG with out=... keep the scores summed over the batches done: interrupted in a batch, the
+    same call resumes with that batch and gives the uninterrupted scores exactly; a finished run is read
+    back without a forward; other settings are refused, naming what differs."""
+    from edgepatch import progress
+    from edgepatch.metrics import logit_diff
+
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    data = data_for(model, n=5)
+    points = kw.get("steps", 1)
+    calls = []
+    stop_at = [None]
+
+    def counted(logits, batch):  # logit_diff, one call per batch and integration point
+        if stop_at[0] is not None and len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return logit_diff(logits, batch)
+
+    opts = dict(method=method, batch_size=2, progress=False, **kw)  # 3 batches
+    full = attribute(model, g, data, counted, **opts)
+    assert len(calls) == 3 * points
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
+    calls.clear()
+    stop_at[0] = points + points // 2  # in the second batch
+    with pytest.raises(KeyboardInterrupt):
+        attribute(model, g, data, counted, out=tmp_path, **opts)
+    calls.clear()
+    stop_at[0] = None
+    resumed = attribute(model, g, data, counted, out=tmp_path, **opts)
+    assert len(calls) == 2 * points  # the first batch is not run again
+    assert torch.equal(resumed.scores.nan_to_num(7), full.scores.nan_to_num(7))
+    assert resumed.slots == full.slots
+    calls.clear()
+    again = attribute(model, g, data, counted, out=tmp_path, **opts)
+    assert calls == [] and torch.equal(again.scores.nan_to_num(7), full.scores.nan_to_num(7))
+    with pytest.raises(EdgepatchError, match=r"holds an EAP[-A-Z]* run with different settings \(batch_size: saved 2, "
+                                             r"now 3\)"):
+        attribute(model, g, data, counted, out=tmp_path, **{**opts, "batch_size": 3})
+
+
 def test_exact_with_kl_and_a_callable_metric():
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)
@@ -249,7 +294,7 @@ def test_options_a_method_does_not_take_are_named():
     g = ep.build_graph(model)
     data = data_for(model)
     with pytest.raises(EdgepatchError, match=r"method='learned' has no option 'steps'\. Did you mean 'epochs'\? "
-                                             r"Its options: mask_fn, .*epochs.*progress\."):
+                                             r"Its options: mask_fn, .*epochs.*progress, out\."):
         attribute(model, g, data, method="learned", steps=5)
     with pytest.raises(EdgepatchError, match=r"method='eap' has no option 'batchsize'\. Did you mean 'batch_size'"):
         attribute(model, g, data, method="eap", batchsize=4)

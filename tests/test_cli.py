@@ -129,10 +129,12 @@ def test_interrupted_exact_patching_resumes(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ep, "attribute", interrupted)
-    assert cli.main(["sweep", *FAST, "--method", "learned", "--out", str(tmp_path / "learned")]) == 130
-    assert "The scoring with learned that was running keeps no progress and starts over" in capsys.readouterr().err
-    assert cli.main(["sweep", *FAST, "--method", "acdc", "--out", str(tmp_path / "acdc")]) == 130
-    assert "starts over" not in capsys.readouterr().err
+    assert cli.main(["sweep", *FAST, "--method", "activation-magnitude", "--out", str(tmp_path / "am")]) == 130
+    assert ("The scoring with activation-magnitude that was running keeps no progress and starts over"
+            in capsys.readouterr().err)
+    for method in ("eap", "acdc", "learned"):
+        assert cli.main(["sweep", *FAST, "--method", method, "--out", str(tmp_path / method)]) == 130
+        assert "starts over" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
