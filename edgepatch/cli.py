@@ -13,7 +13,7 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
 their progress files (``<method>/``). With ``--positions absolute|named`` (EAP,
-EAP-IG, exact), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
+EAP-IG, exact, learned masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
 
@@ -33,7 +33,7 @@ METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "a
            "activation-magnitude")
 # methods that keep their progress in the run's folder (random and activation-magnitude take seconds)
 RESUMING = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned")
-POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact")  # --positions
+POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "learned")  # --positions
 
 
 class CliError(Exception):

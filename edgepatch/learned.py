@@ -86,9 +86,10 @@ from edgepatch.baselines import (
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
+from edgepatch.attribution import batches as data_batches, position_slots
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
 from edgepatch.patching import Ablation, _check_graph, engine_flags
-from edgepatch.progress import resumable, run_fingerprint
+from edgepatch.progress import digest, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["learn_masks"]
@@ -123,6 +124,8 @@ def learn_masks(
     ablation: "str | Ablation" = "corrupt",
     batch_size: int = 64,
     progress: bool = True,
+    positions: Any = None,
+    slot_names: Any = None,
     out: Any = None,
 ) -> EdgeScores:
     """Learn edge masks (see the module docstring) and return their scores and final circuit.
@@ -139,6 +142,10 @@ def learn_masks(
     temperature. ``ablation``: ``"corrupt"`` (default), ``"mean"``, ``"pos_mean"``, ``"zero"`` or an
     :class:`~edgepatch.patching.Ablation`. ``init``: initial weight of every edge (default 0.95; continuous: 0.75, so that the
     parameters can still cross 0 before the temperature freezes them). ``seed``: hard-concrete noise.
+    ``positions``, ``slot_names``: per-position masks, one parameter per (position slot, edge), patched
+    with those ``positions`` (as in :func:`edgepatch.eap`: ``"absolute"``, ``"named"`` or a
+    ``[n_prompts, pos]`` tensor of slots); the density counts (slot, edge) pairs, and the scores and the
+    circuit are ``[n_slots, n_src, n_dest]``.
     ``out``: a folder for resumable progress (as in :func:`edgepatch.sweep`): the training state after
     each epoch (mask parameters, both optimizers, random generator, history) is written every few
     seconds, and a run with the same folder and settings continues from it to the uninterrupted run's
@@ -174,7 +181,10 @@ def learn_masks(
     init_w = DEFAULT_INIT[kind] if init is None else float(init)
     metric_fn, metric_name = _resolve_metric(metric)
     device = _model_device_dtype(model)[0]
-    n_edges = graph.n_edges if graph.level == "edge" else graph.n_src
+    slots, names = position_slots(positions, data, slot_names)
+    n_slots = None if names is None else len(names)
+    # what the density counts: edges (sources for a node graph), or (slot, edge) pairs per position
+    n_edges = (graph.n_edges if graph.level == "edge" else graph.n_src) * (n_slots or 1)
     target_density = None if target_sparsity is None else 1.0 - float(target_sparsity)
 
     if final is None:
@@ -193,7 +203,8 @@ def learn_masks(
         with torch.no_grad():
             batches = [(b, a, _prepared_metric(model, metric_fn, b))
                        for b, a in _batches_with_ablation(model, graph, data, ablation, batch_size)]
-        masks = EdgeMasks(graph, init=init_w, mask_fn=fn, device=device)
+        batch_slots = [None if slots is None else slots[sl].to(device) for sl, _ in data_batches(data, batch_size)]
+        masks = EdgeMasks(graph, init=init_w, mask_fn=fn, slots=n_slots, device=device)
         masks.train()
         params = list(masks.parameters())
         if any(id(p) in model_param_ids for p in params):  # pragma: no cover - a bug, never expected
@@ -203,12 +214,13 @@ def learn_masks(
         lambda_opt = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True)  # gradient *ascent*
         held = None
         if len(batches) == 1:  # one patch context for the whole run (entering one installs hooks)
-            held = stack.enter_context(train_masks(model, graph, batches[0][1], masks=masks))
+            held = stack.enter_context(train_masks(model, graph, batches[0][1], masks=masks, positions=batch_slots[0]))
         state = _training_state(masks, opt, lambdas, lambda_opt, epochs, rng_devices)
         save = resumable(out, state, "learned masks run", lambda: run_fingerprint(
             model, graph, data, ablation, metric=metric_name, mask_fn=kind, target_sparsity=target_sparsity,
             penalty_weight=penalty_weight, epochs=epochs, lr=lr, lambda_lr=lambda_lr, warmup=warmup,
-            final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size))
+            final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size,
+            positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
         start = int(state["epochs_done"])
         if start:
             _restore_training(state, masks, opt, lambdas, lambda_opt, rng_devices)
@@ -223,8 +235,9 @@ def learn_masks(
                 ramp = 1.0 if warmup == 0 else min(1.0, (epoch + 1) / max(1.0, warmup * epochs))
                 target = 1.0 - (1.0 - target_density) * ramp
             sums = {"loss": 0.0, "faithfulness": 0.0, "density": 0.0}
-            for batch, abl, metric_b in batches:
-                ctx = contextlib.nullcontext() if held is not None else train_masks(model, graph, abl, masks=masks)
+            for (batch, abl, metric_b), table in zip(batches, batch_slots):
+                ctx = (contextlib.nullcontext() if held is not None
+                       else train_masks(model, graph, abl, masks=masks, positions=table))
                 with ctx:
                     logits = model(batch.clean.to(device))
                 faith = _faithfulness_loss(metric_b, logits, batch)
@@ -266,7 +279,8 @@ def learn_masks(
             circuit = masks.circuit().cpu()
         else:  # the deterministic mask: the round(E[#kept]) edges with the largest parameters
             k = int(round(expected * n_edges))
-            circuit = EdgeScores(logits_param.reshape(graph.n_src, -1), graph).circuit(k, by="signed")
+            ranked = logits_param if n_slots else logits_param.reshape(graph.n_src, -1)
+            circuit = EdgeScores(ranked, graph, slots=names).circuit(k, by="signed")
 
     n_kept = int(circuit.sum())
     info: dict[str, Any] = {
@@ -289,7 +303,7 @@ def learn_masks(
     if kind == "continuous":
         info["final_temperature"] = final_temperature
     return EdgeScores(logits_param, graph, method=f"learned_{kind}", metric=metric_name, info=info,
-                      circuit_mask=circuit.bool())
+                      circuit_mask=circuit.bool(), slots=names)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -242,3 +242,49 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
     with pytest.raises(EdgepatchError, match=r"holds a learned masks run with different settings \(seed: saved 0, "
                                              r"now 1\)"):
         learn_masks(model, graph, _data(), out=tmp_path, seed=1, **opts)
+
+
+def test_per_position_masks_follow_a_plain_reference():
+    """positions=...: one mask parameter per (slot, edge), each batch patched with its own prompts' slots.
+    Two epochs of sigmoid masks over two batches equal a plain loop written here: sigmoid weights through
+    ep.patch(positions=...), minus the mean logit difference plus the L1 density, one Adam step per batch.
+    With one slot holding every token, the masks are the edge masks."""
+    model = _model("tiny", "hooked")
+    graph = ep.build_graph(model)
+    data = _data()
+    slots = torch.zeros_like(data.clean)
+    slots[:5, -1] = 1  # first batch: the answer position, and the rest
+    slots[5:, :3] = 1  # second batch: the first three tokens, and the rest
+    slots[0, 0] = -1  # a token in no slot: never patched
+    opts = dict(mask_fn="sigmoid", penalty_weight=0.3, epochs=2, batch_size=5, lr=0.05, progress=False)
+    got = learn_masks(model, graph, data, "logit_diff", positions=slots, slot_names=["rest", "last"], **opts)
+    assert got.slots == ("rest", "last") and got.scores.shape == (2, graph.n_src, graph.n_dest)
+    assert got.circuit_mask.shape == (2, graph.n_src, graph.n_dest)
+
+    init = float(torch.logit(torch.tensor(0.95)))
+    logits = torch.full((2, graph.n_src, graph.n_dest), init, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    valid = graph.valid.expand(2, -1, -1)
+    for _ in range(2):
+        for start in (0, 5):
+            batch = data[start : start + 5]
+            abl = ep.source_activations(model, graph, batch.corrupt)
+            with ep.patch(model, graph, torch.sigmoid(logits), abl, positions=slots[start : start + 5]):
+                out = model(batch.clean)
+            loss = -logit_diff(out, batch).mean() + 0.3 * torch.sigmoid(logits)[valid].sum() / (2 * graph.n_edges)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(got.scores.nan_to_num(0), (logits.detach() * valid).nan_to_num(0), atol=1e-5)
+    moved = (got.scores - init).abs()[valid]
+    assert bool((moved > 1e-3).any())  # (the training moved the parameters: the comparison is not vacuous)
+    assert torch.equal(got.circuit_mask, (got.scores > 0) & valid)
+
+    one = learn_masks(model, graph, data, "logit_diff", positions=torch.zeros_like(data.clean), **opts)
+    edges = learn_masks(model, graph, data, "logit_diff", **opts)
+    assert one.slots == ("0",)
+    assert torch.allclose(one.scores[0].nan_to_num(0), edges.scores.nan_to_num(0), atol=1e-5)
+    hc = learn_masks(model, graph, data, positions=slots, target_sparsity=0.5, epochs=3, progress=False)
+    n_pairs = 2 * graph.n_edges
+    assert hc.info["n_kept"] == round(hc.info["expected_density"] * n_pairs) == int(hc.circuit_mask.sum())
+    assert torch.equal(hc.circuit_mask, hc.circuit(hc.info["n_kept"], by="signed"))
