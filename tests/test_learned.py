@@ -194,6 +194,7 @@ def test_model_restored_after_an_exception():
 @pytest.mark.parametrize("recipe", [
     dict(target_sparsity=0.7, epochs=7),  # hard-concrete noise, both optimizers
     dict(mask_fn="continuous", penalty_weight=0.5, lr=0.3, epochs=6, batch_size=4),  # temperature schedule, 2 batches
+    dict(mask_fn="sigmoid", positions="absolute", penalty_weight=0.5, lr=0.3, epochs=5, batch_size=4),  # per position
 ])
 def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, recipe):
     """learn_masks(out=...) keeps its training state after every epoch: interrupted in the middle of an
@@ -234,7 +235,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
     assert torch.equal(resumed.scores.nan_to_num(0), full.scores.nan_to_num(0))
     assert torch.equal(resumed.circuit_mask, full.circuit_mask)
     assert resumed.info["history"] == full.info["history"]
-    assert resumed.info["n_kept"] == full.info["n_kept"] and 0 < full.info["n_kept"] < graph.n_edges
+    assert resumed.info["n_kept"] == full.info["n_kept"] and 0 < full.info["n_kept"] < full.n_items
     calls.clear()
     again = learn_masks(model, graph, _data(), out=tmp_path, **opts)
     assert calls == [] and torch.equal(again.scores.nan_to_num(0), full.scores.nan_to_num(0))
