@@ -72,7 +72,6 @@ from edgepatch.patching import (
     _Probe,
     accumulate_probe,
     activated,
-    fold_slot_circuits,
     mean_activations,
     patch,
     projection_param,
@@ -604,11 +603,8 @@ def exact_patching(
                 folded[c] = prepared_metric(model, metric, batch, clean_logits, repeat=c)
             W = torch.ones(c, *todo.shape)
             W[(torch.arange(c), *chunk.T)] = 0
-            W, table, abl_c = W.to(device), None, abl
-            if S:
-                assert slots is not None
-                W, table, abl_c = fold_slot_circuits(W, slots[sl].to(device), abl)
-            with patch(model, graph, W, abl_c, positions=table):
+            W, table = W.to(device), None if slots is None else slots[sl].to(device)  # (per position: [c, S, ...])
+            with patch(model, graph, W, abl, positions=table):
                 logits = model(batch.clean.repeat(c, 1))
             n_forwards += 1
             vals = folded[c](logits, _repeat(batch, c)).double().view(c, len(batch.clean))

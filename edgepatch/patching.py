@@ -814,6 +814,8 @@ class _Engine:
         self.inactive = False  # no destination changes in this forward: skip all work
         self.sparse = False  # no gradient needed: gather only the sources a hook uses
         self.tok_slot: Tensor | None = None  # no gradient, per position: each token's slot of W, flattened
+        self.row_slots = self.slots  # per position: each batch row's token slots (circuits folded: their table)
+        self.circuit_slots = 0  # per-position circuits folded into the batch: slots per circuit (W's are c*S + s)
         self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form; lazy)
         self.resid: dict[int, Tensor] = {}  # projection mode: each layer's input residual
         self.pending: dict[int, dict[str, tuple[Tensor, Tensor, int]]] = {}  # layer -> kind -> (heads, q/k/v, H)
@@ -920,15 +922,15 @@ class _Engine:
         self.handles = []
         self._reset()
 
-    def _may_fold(self) -> bool:
-        return self.slots is None
-
     # -- per forward -----------------------------------------------------------------------------------
     def _start(self, x: Tensor) -> None:
         self._reset()
         b, p, m = x.shape
         ab, ap = self.abl.shape[1], self.abl.shape[2]
-        if (ab not in (1, b) and not (b % ab == 0 and self._may_fold())) or (ap not in (1, p)):
+        W = self.weight_fn()
+        W = self.graph.expand(W).to(x.device, x.dtype)
+        may_fold = self.slots is None or W.ndim == 4  # circuits folded into the batch
+        if (ab not in (1, b) and not (b % ab == 0 and may_fold)) or (ap not in (1, p)):
             raise EdgepatchError(
                 f"patch: the ablated activations have batch x pos = {ab} x {ap} (the corrupted tokens' shape), "
                 f"but the model is now run on tokens of shape [{b}, {p}]. Clean and corrupted tokens must have "
@@ -937,10 +939,10 @@ class _Engine:
             )
         if self.abl.device != x.device or self.abl.dtype != x.dtype:
             self.abl = self.abl.to(x.device, x.dtype)
-        W = self.weight_fn()
-        W = self.graph.expand(W).to(x.device, x.dtype)
         self.n_circuits = 0
-        if self.slots is None and W.ndim == 3:
+        if self.slots is not None and W.ndim == 4:
+            W = self._fold_slot_circuits(W, b, p, ab)
+        elif self.slots is None and W.ndim == 3:
             c = W.shape[0]
             if b % c:
                 raise EdgepatchError(
@@ -961,8 +963,8 @@ class _Engine:
                 f"the same shape: pad both to the same length (PromptPairs does this), or use mean/zero "
                 f"ablation, which broadcasts."
             )
-        if self.slots is not None:
-            if tuple(self.slots.shape) != (b, p):
+        if self.row_slots is not None:
+            if tuple(self.row_slots.shape) != (b, p):
                 raise EdgepatchError(
                     f"patch: positions has shape {shape_str(self.slots.shape)} but the model is run on tokens of "
                     f"shape [{b}, {p}]; give one position slot per token (or -1 to leave a token unpatched)."
@@ -983,10 +985,10 @@ class _Engine:
                 self.inactive = True  # all edges kept (in every slot): the plain forward, nothing to record
                 return
             self.sparse = True
-            if self.slots is not None:
+            if self.row_slots is not None:
                 # per position: each token mixes with its slot's weights; an unpatched token (-1) gets a
                 # slot of ones of its own
-                slots = self.slots.to(W.device)
+                slots = self.row_slots.to(W.device)
                 if bool((slots < 0).any()):
                     self.W = W = torch.cat([W, W.new_ones(1, *W.shape[1:])])
                     slots = torch.where(slots < 0, W.shape[0] - 1, slots)
@@ -997,6 +999,32 @@ class _Engine:
             self.buf = self._scratch("differences", x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
             return
         self.buf = x.new_empty(self.g.n_src, b, p, m)
+
+    def _fold_slot_circuits(self, W: Tensor, b: int, p: int, ab: int) -> Tensor:
+        """``C`` per-position circuits (``W`` ``[C, S, n_src, n_dest]``) on the prompts of ``positions``
+        repeated ``C`` times: the weights as ``C * S`` slots, circuit ``c``'s rows reading the slots
+        ``c * S + slot`` (:attr:`row_slots`; -1 stays -1)."""
+        assert self.slots is not None
+        c, S = W.shape[:2]
+        rows = self.slots.shape[0]
+        if b != c * rows or self.slots.shape[1] != p:
+            raise EdgepatchError(
+                f"patch: weights hold {c} per-position circuits ([C, slots, n_src, n_dest]) and positions "
+                f"{rows} prompts x {self.slots.shape[1]} tokens, but the model is run on tokens of shape [{b}, {p}]. "
+                f"Run tokens.repeat({c}, 1): rows c*{rows} .. (c+1)*{rows}-1 use circuit c."
+            )
+        if ab not in (1, rows):
+            raise EdgepatchError(
+                f"patch: the ablated activations have batch {ab}, but the batch holds {c} circuits x {rows} "
+                f"prompts; compute the ablation on the {rows} unrepeated prompts."
+            )
+        slots = self.slots.to(W.device)
+        offsets = (torch.arange(c, device=W.device) * S).repeat_interleave(rows).view(-1, 1)
+        rows_ = slots.repeat(c, 1)
+        self.row_slots = torch.where(rows_ >= 0, rows_ + offsets, rows_)
+        self.n_circuits = c
+        self.circuit_slots = S
+        return W.reshape(c * S, *W.shape[2:])
 
     def _scratch(self, name: str, x: Tensor, shape: tuple[int, ...]) -> Tensor:
         """An uninitialized buffer ``name`` of ``shape``, like ``x``, for a forward without gradients
@@ -1353,6 +1381,15 @@ class _Engine:
                 Wd = W[..., :n, :].index_select(-1, torch.tensor([d for d, _ in deferred], device=W.device))
         r = self.resid[layer]
         if own and self.sparse and self.n_circuits > 1 and sel.numel() and mixed is not None:
+            if self.circuit_slots:  # per-position circuits: what each circuit's slots patch
+                C, S = self.n_circuits, self.circuit_slots
+                assert zero_c is not None and self.row_slots is not None
+                mixed = need_c[: C * S].view(C, S, -1).any(1)
+                # every slot of the circuit ablates the input, and every token is in a slot: the corrupted one
+                zero_c = zero_c[: C * S].view(C, S, -1).all(1)
+                if bool((self.row_slots < 0).any()):
+                    zero_c = torch.zeros_like(zero_c)
+                mixed &= ~zero_c
             # circuit by circuit costs more, smaller operations: only where it mixes a quarter less
             # (circuits that patch nearly the same heads, like ACDC's candidates once its circuit is sparse, do not)
             if 4 * int(mixed.sum()) <= 3 * self.n_circuits * sel.numel():
@@ -1429,9 +1466,10 @@ class _Engine:
             if cached.numel():
                 self._cached_heads(layer, groups, cached, out, repeat=False)
             self._clean_heads(layer, groups, torch.cat([sel, cached]), rc, out)
-            Wh = Wl[c].index_select(-1, sel)
+            slotted = self.tok_slot is not None  # per position: every slot's weights, each token takes its own
+            Wh = (Wl if slotted else Wl[c]).index_select(-1, sel)
             if Wd is not None:
-                Wh = torch.cat([Wh, Wd[c]], dim=-1)
+                Wh = torch.cat([Wh, Wd if slotted else Wd[c]], dim=-1)
             if Wh.shape[-1]:
                 spans = self._spans(groups, sel)
                 hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
@@ -1600,9 +1638,9 @@ class _Engine:
         assert buf is not None
         _, b, p, m = buf.shape
         groups = self._prefix_groups(n)
-        if self.slots is not None:
+        if self.row_slots is not None:
             D = torch.cat(groups) if len(groups) > 1 else groups[0]  # [n, b, p, m]
-            slots = self.slots.to(Wh.device)
+            slots = self.row_slots.to(Wh.device)
             Wp = torch.cat([Wh, Wh.new_ones(1, n, Wh.shape[-1])])  # [S+1, n, h]
             mt = 1 - Wp[torch.where(slots < 0, Wp.shape[0] - 1, slots)]  # [b, p, n, h]
             return torch.einsum("bpnh,nbpm->bphm", mt, D)
@@ -1651,7 +1689,8 @@ class _Engine:
             k = n + 1 if dense else rows.numel() + 1
             product = h * k + (0 if dense else _COPY_COST * 2 * k)
             if slot is not None:  # (source, destination) pairs, each token scaled by its slot's weight
-                pairs = coef.ne(0).any(0).nonzero()
+                used = coef if tokens is None else coef.index_select(0, torch.unique(slot))  # (one circuit's)
+                pairs = used.ne(0).any(0).nonzero()
                 if _SLOT_EDGE_COST * len(pairs) + _COPY_COST * h < product:
                     return self._mixed_by_slot_edge(base, coef, pairs, store, slot)
             else:
@@ -1841,10 +1880,10 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
     if graph.level == "node" and w.ndim == (2 if per_position else 1):
         w = w.unsqueeze(-1)
     want = 3 if per_position else 2
-    if w.ndim == 3 and not per_position:
-        want = 3  # a circuit axis folded into the batch
+    if w.ndim == want + 1:
+        want += 1  # a circuit axis folded into the batch
     if w.ndim != want or tuple(w.shape[-2:]) != (graph.n_src, graph.n_dest):
-        exp = "[slots, n_src, n_dest]" if per_position else "[n_src, n_dest]"
+        exp = "[slots, n_src, n_dest] (or [C, slots, n_src, n_dest])" if per_position else "[n_src, n_dest]"
         raise EdgepatchError(
             f"weights has shape {shape_str(w.shape)}; expected {exp} = "
             f"{'[slots, ' if per_position else '['}{graph.n_src}, {graph.n_dest}] for {graph!r}."
@@ -1898,6 +1937,10 @@ def patch(
     weights ``[slots, n_src, n_dest]`` (-1: the token is not patched). Use named slots for padded,
     variable-length prompts (e.g. the IO, S1, S2 and END positions of IOI), not raw indices.
 
+    Several circuits in one forward: weights ``[C, n_src, n_dest]`` (or per position ``[C, slots, n_src,
+    n_dest]`` with ``positions`` for the ``batch`` prompts) on ``tokens.repeat(C, 1)``: rows ``c * batch``
+    to ``(c + 1) * batch - 1`` use circuit ``c``; the ablation is the unrepeated prompts'.
+
     Contexts nest: an inner ``patch`` on the same model replaces the outer one until it exits. On exit,
     normally or by an exception, hooks are removed and TransformerLens flags restored. On CPU, forwards
     without gradients keep their scratch buffers on the model for the next one (the largest used;
@@ -1943,8 +1986,14 @@ def patch(
         weight_fn = weights
     else:
         fixed = as_weights(graph, weights, per_position=per_position)
+        if per_position and fixed.ndim == 4 and not isinstance(positions, Tensor):
+            raise EdgepatchError(
+                "patch: per-position circuits folded into the batch (weights [C, slots, n_src, n_dest]) need "
+                "positions as a [batch, pos] tensor of slots for the unrepeated prompts; for one slot per token "
+                "index give torch.arange(pos).expand(batch, pos)."
+            )
         if isinstance(positions, Tensor):
-            n_slots = fixed.shape[0]
+            n_slots = fixed.shape[-3]
             if bool((slots >= n_slots).any()):  # type: ignore[operator]
                 raise EdgepatchError(
                     f"positions refers to slot {int(slots.max())} but weights has only {n_slots} slots."  # type: ignore[union-attr]
@@ -2013,22 +2062,6 @@ class _AbsoluteEngine(_Engine):
             raise EdgepatchError(
                 f"patch(positions='absolute'): weights have {self.W.shape[0]} positions but the tokens have {p}."
             )
-
-
-def fold_slot_circuits(W: Tensor, slots: Tensor, ablated: Ablation) -> tuple[Tensor, Tensor, Ablation]:
-    """``C`` per-position circuits ``W`` (``[C, S, n_src, n_dest]``) on a batch whose tokens have the slots
-    ``slots`` (``[b, p]``, -1: none), as one :func:`patch` of the batch repeated ``C`` times
-    (``tokens.repeat(C, 1)``): weights ``[C * S, n_src, n_dest]``, a slot table ``[C * b, p]`` in which
-    circuit ``c``'s rows use the slots ``c * S + slot``, and ``ablated`` with its per-prompt values repeated
-    for every circuit's rows (per-position weights do not fold a batch-``b`` ablation themselves)."""
-    C, S = W.shape[:2]
-    b = slots.shape[0]
-    offsets = (torch.arange(C, device=slots.device) * S).repeat_interleave(b).view(-1, 1)
-    rows = slots.repeat(C, 1)
-    table = torch.where(rows >= 0, rows + offsets, rows)
-    if C > 1 and ablated.values.shape[1] > 1:
-        ablated = ablated._map(lambda v: v.repeat(1, C, 1, 1), lambda v: v.repeat(C, 1, 1, 1))
-    return W.reshape(C * S, *W.shape[2:]), table, ablated
 
 
 def release_buffers(model: Any) -> None:

@@ -87,7 +87,7 @@ from edgepatch.metrics import (
     normalized_faithfulness,
     reads_answer_only,
 )
-from edgepatch.patching import Ablation, _check_graph, fold_slot_circuits, patch, source_activations
+from edgepatch.patching import Ablation, _check_graph, patch, source_activations
 from edgepatch.progress import digest, open_progress, run_fingerprint, save_progress
 from edgepatch.scores import EdgeScores
 
@@ -742,17 +742,15 @@ def _evaluate_chunk(
     plan: _Plan, chunk: list[int], direction: str, b: int, sl: slice, state: dict[str, Tensor],
     slots: Tensor | None = None,
 ) -> None:
-    """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded).
-    Per position, circuit j's rows use the slots ``j * n_slots + slot``, so that all circuits' per-position
-    weights are one slot table."""
+    """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded;
+    per position, weights ``[C, n_slots, n_src, n_dest]`` with the batch's ``slots``)."""
     c = len(chunk)
     W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
-    table = None
     if slots is not None:
-        W, table, abl = fold_slot_circuits(W, slots.to(tokens.device), abl)
+        slots = slots.to(tokens.device)
     elif c == 1:
         W = W[0]
-    with patch(model, graph, W, abl, positions=table):
+    with patch(model, graph, W, abl, positions=slots):
         logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
     for j, i in enumerate(chunk):
         vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()

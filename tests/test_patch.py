@@ -1153,6 +1153,95 @@ def test_folded_circuits_mix_only_their_own_heads(case, monkeypatch):
     assert bool(calls) == (proj is not None and bool(proj.input_hooks(0)))
 
 
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+def test_folded_per_position_circuits_mix_only_their_own_heads(case, monkeypatch):
+    """Per-position circuits folded into the batch (a per-position sweep's forward): weights ``[C, slots,
+    n_src, n_dest]`` with the prompts' ``positions``, on ``tokens.repeat(C, 1)``. Without gradients each
+    circuit mixes only the heads its slots patch (pair by pair: only the pairs its slots patch), and takes
+    the corrupted run's projections where every slot ablates a head's input (only where every token is in
+    a slot). Against the per-token reference, under corrupted-run and mean ablation, with and without a
+    token in no slot, in one block of tokens per circuit and in blocks within a circuit; the
+    circuit-by-circuit path must have run where the engine computes the layer's heads. Gradients flow
+    through the same weights."""
+    model = cached_model(*case)
+    g = ep.build_graph(model)
+    b, p = 3, 6
+    clean, corrupt = tokens(model, batch=b, pos=p, seed=91), tokens(model, batch=b, pos=p, seed=92)
+    gen = torch.Generator().manual_seed(93)
+    ones, zeros = torch.ones(g.n_src, g.n_dest), torch.zeros(g.n_src, g.n_dest)
+    sparse = (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.15).float()
+    few_ablated = 1 - (torch.rand(g.n_src, g.n_dest, generator=gen) < 0.1).float()
+    W4 = torch.stack([torch.stack(pair) for pair in [(zeros, zeros), (sparse, few_ablated),
+                                                      (torch.rand(g.n_src, g.n_dest, generator=gen), ones),
+                                                      (ones, sparse)]])  # [C, 2 slots, n_src, n_dest]
+    C = len(W4)
+    calls = count_calls(monkeypatch, "_project_per_circuit")
+    corrupt_abl = ep.source_activations(model, g, corrupt)
+    mean_abl = ep.mean_activations(model, g, tokens(model, batch=5, pos=p, seed=94))
+    toks = clean.repeat(C, 1)
+    for free in (False, True):
+        slots = torch.zeros(b, p, dtype=torch.long)
+        slots[:, -1] = 1  # the last token, and the rest
+        if free:
+            slots[1, 2] = -1  # a token in no slot: every circuit's weights 1 there
+        Wt = torch.ones(C, b, p, g.n_src, g.n_dest)
+        for c in range(C):
+            Wt[c][slots >= 0] = W4[c][slots[slots >= 0]]
+        Wt = Wt.flatten(0, 1)  # per token of tokens.repeat(C, 1)
+        wants = {}
+        for abl in (corrupt_abl, mean_abl):
+            if abl is corrupt_abl:
+                want = reference_patched(model, g, _PerToken(Wt), toks, corrupt.repeat(C, 1))
+            else:
+                want = _reference_with_values(model, g, _PerToken(Wt), toks, abl.values.expand(-1, C * b, p, -1))
+            wants[abl.kind] = want
+            # one block of tokens per circuit, blocks within a circuit; mixing pair by pair forced
+            for chunk, pair_cost in ((128, patching._SLOT_EDGE_COST), (5, patching._SLOT_EDGE_COST), (128, 0)):
+                monkeypatch.setattr(patching, "_CHUNK_TOKENS", chunk)
+                monkeypatch.setattr(patching, "_SLOT_EDGE_COST", pair_cost)
+                with ep.patch(model, g, W4, abl, positions=slots), torch.no_grad():
+                    got = model(toks)
+                assert (got - want).abs().max() <= ATOL, (free, abl.kind, chunk, pair_cost)
+        Wg = W4.clone().requires_grad_(True)
+        with ep.patch(model, g, Wg, corrupt_abl, positions=slots):
+            out = model(toks)
+        assert (out.detach() - wants["corrupt"]).abs().max() <= ATOL, free
+        out[:, -1].sum().backward()
+        assert Wg.grad is not None and bool(Wg.grad[1].abs().sum() > 0)
+    proj = patching.projections_of(model)
+    assert bool(calls) == (proj is not None and bool(proj.input_hooks(0)))
+
+
+def test_folded_per_position_circuits_bad_input():
+    """Per-position circuits folded into the batch: the batch must repeat the prompts of ``positions`` once
+    per circuit, the ablation must be the unrepeated prompts', and the slots must be a tensor."""
+    model = cached_model("tiny", "hooked")
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=2, pos=5), tokens(model, batch=2, pos=5, seed=3)
+    abl = ep.source_activations(model, g, corrupt)
+    before = model_snapshot(model)
+    W4 = torch.rand(3, 2, g.n_src, g.n_dest, generator=torch.Generator().manual_seed(5))
+    slots = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(EdgepatchError, match=r"weights hold 3 per-position circuits .* positions 2 prompts x 5 "
+                                             r"tokens, but the model is run on tokens of shape \[2, 5\]\. Run "
+                                             r"tokens\.repeat\(3, 1\)"):
+        with ep.patch(model, g, W4, abl, positions=slots), torch.no_grad():
+            model(clean)
+    with pytest.raises(EdgepatchError, match=r"the ablated activations have batch 6, but the batch holds 3 "
+                                             r"circuits x 2 prompts; compute the ablation on the 2 unrepeated"):
+        with ep.patch(model, g, W4, ep.source_activations(model, g, corrupt.repeat(3, 1)), positions=slots), \
+                torch.no_grad():
+            model(clean.repeat(3, 1))
+    with pytest.raises(EdgepatchError, match=r"need positions as a \[batch, pos\] tensor of slots .* "
+                                             r"torch\.arange\(pos\)\.expand\(batch, pos\)"):
+        with ep.patch(model, g, torch.ones(3, 5, g.n_src, g.n_dest), abl, positions="absolute"):
+            pass
+    with pytest.raises(EdgepatchError, match=r"positions refers to slot 2 but weights has only 2 slots"):
+        with ep.patch(model, g, W4, abl, positions=slots + 2):
+            pass
+    assert_unchanged(model, before)
+
+
 def _bridge_of(name: str, hf_model):
     """``hf_model`` (a HuggingFace causal LM) in a TransformerBridge with the adapter of hub model ``name``,
     GPT-2's offline tokenizer, the bridge's set-up warnings silenced."""
