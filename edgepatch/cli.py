@@ -12,8 +12,8 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
-their progress files (``<method>/``). With ``--positions absolute|named`` (EAP,
-EAP-IG, exact, learned masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
+their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, learned
+masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
 

@@ -72,6 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from edgepatch.attribution import batches as data_batches, position_slots
 from edgepatch.baselines import (
     _ablation_kind,
     _batches_with_ablation,
@@ -86,7 +87,6 @@ from edgepatch.baselines import (
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
-from edgepatch.attribution import batches as data_batches, position_slots
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
 from edgepatch.patching import Ablation, _check_graph, engine_flags
 from edgepatch.progress import digest, resumable, run_fingerprint
@@ -215,13 +215,14 @@ def learn_masks(
         held = None
         if len(batches) == 1:  # one patch context for the whole run (entering one installs hooks)
             held = stack.enter_context(train_masks(model, graph, batches[0][1], masks=masks, positions=batch_slots[0]))
-        state = _training_state(masks, opt, lambdas, lambda_opt, epochs, rng_devices)
+        # the training state after an epoch, kept only with `out` (it copies the parameters to the CPU)
+        state = _training_state(masks, opt, lambdas, lambda_opt, epochs, rng_devices) if out is not None else {}
         save = resumable(out, state, "learned masks run", lambda: run_fingerprint(
             model, graph, data, ablation, metric=metric_name, mask_fn=kind, target_sparsity=target_sparsity,
             penalty_weight=penalty_weight, epochs=epochs, lr=lr, lambda_lr=lambda_lr, warmup=warmup,
             final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size,
             positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
-        start = int(state["epochs_done"])
+        start = int(state.get("epochs_done", 0))
         if start:
             _restore_training(state, masks, opt, lambdas, lambda_opt, rng_devices)
             history = [_history_row(r) for r in state["history"][:start].tolist()]
@@ -264,8 +265,9 @@ def learn_masks(
             if isinstance(fn, ContinuousSparsification):
                 row["temperature"] = fn.temperature
             history.append(row)
-            _record_epoch(state, masks, opt, lambdas, lambda_opt, row, rng_devices)
-            save(final=epoch == epochs - 1)
+            if out is not None:
+                _record_epoch(state, masks, opt, lambdas, lambda_opt, row, rng_devices)
+                save(final=epoch == epochs - 1)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4g}", kept=row["n_kept"])
         bar.close()
