@@ -941,7 +941,7 @@ class _Engine:
             self.abl = self.abl.to(x.device, x.dtype)
         self.n_circuits = 0
         if self.slots is not None and W.ndim == 4:
-            W = self._fold_slot_circuits(W, b, p, ab)
+            W = self._fold_slot_circuits(W, b, p)
         elif self.slots is None and W.ndim == 3:
             c = W.shape[0]
             if b % c:
@@ -950,12 +950,14 @@ class _Engine:
                     f"multiple of {c}. Fold the circuits into the batch: tokens.repeat({c}, 1) runs every prompt "
                     f"under every circuit (rows c*batch .. (c+1)*batch-1 use circuit c)."
                 )
+            self.n_circuits = c
+        if self.n_circuits:  # (edge or per-position circuits folded into the batch)
+            c = self.n_circuits
             if ab not in (1, b // c):
                 raise EdgepatchError(
                     f"patch: the ablated activations have batch {ab}, but the batch holds {c} circuits x "
                     f"{b // c} prompts; compute the ablation on the {b // c} unrepeated prompts."
                 )
-            self.n_circuits = c
         elif ab not in (1, b):
             raise EdgepatchError(
                 f"patch: the ablated activations have batch x pos = {ab} x {ap} (the corrupted tokens' shape), "
@@ -1000,7 +1002,7 @@ class _Engine:
             return
         self.buf = x.new_empty(self.g.n_src, b, p, m)
 
-    def _fold_slot_circuits(self, W: Tensor, b: int, p: int, ab: int) -> Tensor:
+    def _fold_slot_circuits(self, W: Tensor, b: int, p: int) -> Tensor:
         """``C`` per-position circuits (``W`` ``[C, S, n_src, n_dest]``) on the prompts of ``positions``
         repeated ``C`` times: the weights as ``C * S`` slots, circuit ``c``'s rows reading the slots
         ``c * S + slot`` (:attr:`row_slots`; -1 stays -1)."""
@@ -1012,11 +1014,6 @@ class _Engine:
                 f"patch: weights hold {c} per-position circuits ([C, slots, n_src, n_dest]) and positions "
                 f"{rows} prompts x {self.slots.shape[1]} tokens, but the model is run on tokens of shape [{b}, {p}]. "
                 f"Run tokens.repeat({c}, 1): rows c*{rows} .. (c+1)*{rows}-1 use circuit c."
-            )
-        if ab not in (1, rows):
-            raise EdgepatchError(
-                f"patch: the ablated activations have batch {ab}, but the batch holds {c} circuits x {rows} "
-                f"prompts; compute the ablation on the {rows} unrepeated prompts."
             )
         slots = self.slots.to(W.device)
         offsets = (torch.arange(c, device=W.device) * S).repeat_interleave(rows).view(-1, 1)
@@ -1383,11 +1380,11 @@ class _Engine:
         if own and self.sparse and self.n_circuits > 1 and sel.numel() and mixed is not None:
             if self.circuit_slots:  # per-position circuits: what each circuit's slots patch
                 C, S = self.n_circuits, self.circuit_slots
-                assert zero_c is not None and self.row_slots is not None
+                assert zero_c is not None
                 mixed = need_c[: C * S].view(C, S, -1).any(1)
                 # every slot of the circuit ablates the input, and every token is in a slot: the corrupted one
                 zero_c = zero_c[: C * S].view(C, S, -1).all(1)
-                if bool((self.row_slots < 0).any()):
+                if W.shape[0] > C * S:  # the slot of ones appended for tokens in no slot (see _start)
                     zero_c = torch.zeros_like(zero_c)
                 mixed &= ~zero_c
             # circuit by circuit costs more, smaller operations: only where it mixes a quarter less
