@@ -200,7 +200,7 @@ def source_activations(model: Any, graph: Graph, tokens: Tensor, *, projections:
             t = t[:, rows]
         if "buf" not in out:
             _, b, p, m = t.shape
-            out["buf"] = t.new_empty(graph.n_src, b, p, m)
+            out["buf"] = take_buffer(model, "ablation", t, (graph.n_src, b, p, m))
         out["buf"][start : start + t.shape[0]] = t
         recorded[start : start + t.shape[0]] = [True] * t.shape[0]
 
@@ -305,6 +305,41 @@ def _slot(model: Any) -> _ModelSlot:
     if slot is None:
         slot = _SLOTS[model] = _ModelSlot()
     return slot
+
+
+def take_buffer(model: Any, name: str, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialized tensor of ``shape`` (``like``'s dtype and device) for work on ``model``: on CPU the
+    storage kept under ``name`` by :func:`keep_buffer` when it is large enough (it is then no longer kept:
+    the caller owns it), else fresh. Large CPU allocations are mapped afresh by the C allocator every time
+    and page-fault on their first write: a sweep's 60 MB ablation buffer (GPT-2 small, 8 x 16 tokens)
+    took ~15,000 page faults per batch."""
+    return _take_storage(model, name, like, math.prod(shape))[: math.prod(shape)].view(shape)
+
+
+def _take_storage(model: Any, name: str, like: Tensor, need: int) -> Tensor:
+    """:func:`take_buffer`'s storage, whole: a flat tensor of at least ``need`` elements."""
+    if like.device.type == "cpu":
+        spares = _slot(model).spares
+        spare = spares.get(name)
+        if spare is not None and spare.dtype == like.dtype and spare.numel() >= need:
+            del spares[name]
+            return spare
+    return like.new_empty(need)
+
+
+def keep_buffer(model: Any, name: str, t: Tensor) -> None:
+    """Keep ``t``'s storage on ``model`` for a later :func:`take_buffer` (CPU, at most ``_KEEP_BYTES``; a
+    larger one already kept stays). The caller promises that nothing else still uses ``t`` or its views;
+    :func:`release_buffers` frees what is kept."""
+    if t.device.type != "cpu":
+        return
+    storage = t.untyped_storage()
+    n = storage.nbytes() // t.element_size()
+    if n * t.element_size() > _KEEP_BYTES:
+        return
+    spares = _slot(model).spares
+    if name not in spares or spares[name].numel() < n:
+        spares[name] = t.new_empty(0).set_(storage, 0, (n,))
 
 
 def _set_flag(model: Any, flag: str, value: bool) -> None:
@@ -796,14 +831,10 @@ class _Engine:
         self._reset()
 
     def _reset(self) -> None:
-        stores = getattr(self, "stores", None)
-        if stores:  # this forward is over: its scratch buffers may serve the next one
-            spares = _slot(self.model).spares
-            for name, store in stores.items():
-                if store.numel() * store.element_size() > _KEEP_BYTES:
-                    continue  # too large to hold while idle (a notebook would keep it for good): freed
-                if name not in spares or spares[name].numel() < store.numel():
-                    spares[name] = store
+        # this forward is over: its scratch buffers may serve the next one (not those too large to hold
+        # while idle: a notebook would keep them for good)
+        for name, store in getattr(self, "stores", {}).items():
+            keep_buffer(self.model, name, store)
         self.stores: dict[str, Tensor] = {}  # scratch buffers this forward took (see _scratch)
         if self.proj is not None:
             self.proj.clear()
@@ -1036,14 +1067,8 @@ class _Engine:
             return x.new_empty(shape)
         store = self.stores.get(name)
         if store is None or store.dtype != x.dtype or store.numel() < need:
-            spares = _slot(self.model).spares
-            spare = spares.get(name)
-            if spare is not None and spare.dtype == x.dtype and spare.numel() >= need:
-                del spares[name]  # taken: a nested forward on the same model allocates its own
-                store = spare
-            else:
-                store = x.new_empty(need)
-            self.stores[name] = store
+            # (taken from the model's spares: a nested forward on the same model allocates its own)
+            store = self.stores[name] = _take_storage(self.model, name, x, need)
         return store[:need].view(shape)
 
     def _sink(self, start: int, out: Tensor) -> None:
@@ -1510,7 +1535,7 @@ class _Engine:
             c, within = divmod(t0, per)
             t1 = min(t0 + _CHUNK_TOKENS, t0 - within + per)  # not past the circuit's last token
             Wc = Wh[c] if Wh.ndim == 3 and self.tok_slot is None else Wh
-            y = self._mixed(flat_r[t0:t1], Wc, n, tokens=(t0, t1))[:, 0]  # [t, R', m]
+            y = self._mixed(flat_r[t0:t1], Wc, n, tokens=(t0, t1), scratch=True)[:, 0]  # [t, R', m]
             for i in range(len(deferred)):
                 parts[i].view(T, m)[t0:t1] = y[:, R + i]
             if R:
@@ -1622,9 +1647,10 @@ class _Engine:
 
     def _head_inputs(self, r: Tensor, Wh: Tensor, n: int) -> Tensor:
         """``x_h = r - sum_{s<n} (1 - w_sh) D_s`` for the destinations of ``Wh`` (``[n, R]``,
-        ``[C, n, R]`` with circuits, ``[slots, n, R]`` per position), as ``[batch, pos, R, d_model]``."""
+        ``[C, n, R]`` with circuits, ``[slots, n, R]`` per position), as ``[batch, pos, R, d_model]``
+        (without gradients, in the scratch buffer "mixed")."""
         if self.sparse:
-            return self._mixed(r, Wh, n)
+            return self._mixed(r, Wh, n, scratch=True)
         return r.unsqueeze(2) - self._dense_corr(Wh, n)
 
     def _dense_corr(self, Wh: Tensor, n: int) -> Tensor:
@@ -1659,12 +1685,14 @@ class _Engine:
         y = self._mixed(base, Wh, n)  # [b, p, h, m]
         return y[:, :, 0] if x.ndim == 3 else y
 
-    def _mixed(self, r: Tensor, Wh: Tensor, n: int, tokens: tuple[int, int] | None = None) -> Tensor:
+    def _mixed(self, r: Tensor, Wh: Tensor, n: int, tokens: tuple[int, int] | None = None,
+               scratch: bool = False) -> Tensor:
         """``r - sum_{s<n} (1 - w_sh) D_s`` for the ``h`` destinations of ``Wh`` (``[n, h]``, or
         ``[C, n, h]`` with circuits, or ``[slots, n, h]`` per position, each token taking its slot's
         weights), as ``[batch, pos, h, d_model]``. ``r`` is ``[b, p, d_model]`` (one residual for all) or
         ``[b, p, h, d_model]``. No gradient. ``tokens``: only the tokens ``t0:t1`` of the flattened
-        batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``."""
+        batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``. ``scratch``: the result may be the
+        forward's scratch buffer "mixed" (see :meth:`_scratch`), for a caller done with it before the next."""
         h = Wh.shape[-1]
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
@@ -1704,27 +1732,36 @@ class _Engine:
             else:
                 rows = torch.cat([rows, rows.new_tensor([n])])
                 coef = torch.cat([coef.index_select(-2, rows[:-1]), ones], dim=-2)
-                D = store.index_select(2, rows)
+                D = self._gather(store, rows)
             base = None
         elif dense:
             D = store[:, :, :n]
         else:
-            coef, D = coef.index_select(-2, rows), store.index_select(2, rows)
+            coef, D = coef.index_select(-2, rows), self._gather(store, rows)
         k = D.shape[2]
         D = D.reshape(b * p, k, m)
         coef = coef.transpose(-1, -2)  # [h, k] or [C, h, k] (or [slots, h, k])
+        out = self._scratch("mixed", D, (b * p, h, m)) if scratch else None
         if slot is not None:
             coef = coef[slot]  # [b*p, h, k]: one product per token, as with shared weights
             if base is None:
-                return torch.bmm(coef, D).view(b, p, h, m)
-            return torch.baddbmm(base.reshape(b * p, -1, m), coef, D).view(b, p, h, m)
+                return torch.bmm(coef, D, out=out).view(b, p, h, m)
+            return torch.baddbmm(base.reshape(b * p, -1, m), coef, D, out=out).view(b, p, h, m)
         if coef.ndim == 2:
+            coef = coef.expand(b * p, h, k)
             if base is None:
-                return torch.matmul(coef, D).view(b, p, h, m)
-            return torch.baddbmm(base.reshape(b * p, -1, m), coef.expand(b * p, h, k), D).view(b, p, h, m)
+                return torch.bmm(coef, D, out=out).view(b, p, h, m)
+            return torch.baddbmm(base.reshape(b * p, -1, m), coef, D, out=out).view(b, p, h, m)
         c = coef.shape[0]
-        y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m)).view(b, p, h, m)  # [C, b/C * p, h, m]
+        y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m),  # [C, b/C * p, h, m]
+                         out=None if out is None else out.view(c, -1, h, m)).view(b, p, h, m)
         return y if base is None else y.add_(base)
+
+    def _gather(self, store: Tensor, rows: Tensor) -> Tensor:
+        """``store[:, :, rows]`` (``store`` ``[b, p, n_src, m]``) into the forward's scratch buffer (see
+        :meth:`_scratch`; 27 MB for 69 of GPT-2's sources at 8 x 16 tokens), used before the next gather."""
+        b, p, _, m = store.shape
+        return torch.index_select(store, 2, rows, out=self._scratch("gathered", store, (b, p, rows.numel(), m)))
 
     @staticmethod
     def _mixed_by_edge(base: Tensor, coef: Tensor, edges: Tensor, store: Tensor) -> Tensor:
@@ -2064,9 +2101,11 @@ class _AbsoluteEngine(_Engine):
 def release_buffers(model: Any) -> None:
     """Free the scratch buffers that patched forwards without gradients keep on ``model`` between calls
     (CPU only; the largest of each used: the differences, ``batch x pos x n_src x d_model`` floats, e.g.
-    60 MB for GPT-2 small at 8 x 16 tokens, and one layer's head outputs, ``n_heads x batch x pos x
-    d_model``; none over 1 GiB). They are also freed with the model. Reusing them spares every forward
-    the page faults of fresh allocations of that size (about 5% of a patched forward)."""
+    60 MB for GPT-2 small at 8 x 16 tokens; one layer's head outputs, ``n_heads x batch x pos x
+    d_model``; one layer's mixed inputs, ``batch x pos x`` its mixed destinations ``x d_model``, and the
+    sources a sparse circuit gathers for them; and a sweep's ablation, the size of the differences; none
+    over 1 GiB). They are also freed with the model. Reusing them spares every forward the page faults of
+    fresh allocations of that size."""
     slot = _SLOTS.get(model)
     if slot is not None:
         slot.spares.clear()

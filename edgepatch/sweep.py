@@ -87,7 +87,7 @@ from edgepatch.metrics import (
     normalized_faithfulness,
     reads_answer_only,
 )
-from edgepatch.patching import Ablation, _check_graph, patch, source_activations
+from edgepatch.patching import Ablation, _check_graph, keep_buffer, patch, source_activations
 from edgepatch.progress import digest, open_progress, run_fingerprint, save_progress
 from edgepatch.scores import EdgeScores
 
@@ -718,6 +718,8 @@ def _run_batch(
                             sl=sl, state=state, slots=slots)
             save_state()
             bar.update(1)
+    if abl_kind == "corrupt":  # this batch's ablation is done with: its storage serves the next batch's
+        keep_buffer(model, "ablation", abl.values)
 
 
 def _circuit_weights(plan: _Plan, chunk: list[int], graph: Graph, direction: str) -> Tensor:

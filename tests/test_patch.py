@@ -799,10 +799,10 @@ def test_engine_projections_of_all_heads_agree(case, split):
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_difference_buffer_is_reused_and_never_read_stale(model_class):
-    """Forwards without gradients keep their CPU scratch buffers (differences, head outputs) on the model
-    for the next forward (a fresh one page-faults every time). The reused storage holds an earlier
-    forward's values: poison it with NaN, and a smaller forward must still match the reference, and an
-    earlier output must not change."""
+    """Forwards without gradients keep their CPU scratch buffers (differences, head outputs, the mixed
+    head inputs) on the model for the next forward (a fresh one page-faults every time). The reused
+    storage holds an earlier forward's values: poison it with NaN, and a smaller forward must still match
+    the reference, and an earlier output must not change."""
     model = cached_model("tiny", model_class)
     g = ep.build_graph(model)
     gen = torch.Generator().manual_seed(31)
@@ -816,8 +816,9 @@ def test_difference_buffer_is_reused_and_never_read_stale(model_class):
         kept = first.clone()
         spares = dict(patching._SLOTS[model].spares)
         d, h = model.cfg.d_model, model.cfg.n_heads
+        # random weights mix every q/k/v input; the last layer's product also holds its MLP input and the logits'
         assert {k: v.numel() for k, v in spares.items()} == {
-            "differences": 4 * 7 * g.n_src * d, "head outputs": h * 4 * 7 * d}
+            "differences": 4 * 7 * g.n_src * d, "head outputs": h * 4 * 7 * d, "mixed": 4 * 7 * (3 * h + 2) * d}
         for t in spares.values():
             t.fill_(float("nan"))
         W2 = torch.rand(g.n_src, g.n_dest, generator=gen)
@@ -829,6 +830,60 @@ def test_difference_buffer_is_reused_and_never_read_stale(model_class):
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= ATOL
     assert torch.equal(first, kept)  # the first output does not alias the reused buffers
+    ep.release_buffers(model)
+    assert not patching._SLOTS[model].spares
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_gathered_sources_buffer_is_reused_and_never_read_stale(model_class, monkeypatch):
+    """A sparse circuit's mixing gathers the sources it reads into a scratch buffer kept on the model
+    (27 MB for GPT-2 small at 8 x 16 tokens). Poisoned with NaN between two forwards of different
+    circuits, the second must still match the reference. The mixing is forced onto the gathering path
+    (no edge-by-edge additions), and the spy checks it was taken."""
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    monkeypatch.setattr(patching, "_EDGE_COST", 10**9)
+    gathers = count_calls(monkeypatch, "_gather")
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=39), tokens(model, batch=3, pos=6, seed=40)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(41)
+    ep.release_buffers(model)
+    with torch.no_grad():
+        for i, kept in enumerate(([0, 2], [0, 4])):
+            # two sources read (the input and a first-layer head), the rest ablated: the second layer's
+            # product reads fewer than half of its six sources, so it gathers them
+            W = torch.zeros(g.n_src, g.n_dest)
+            W[kept] = torch.rand(len(kept), g.n_dest, generator=gen)
+            with ep.patch(model, g, W, abl):
+                got = model(clean)
+            assert (got - reference_patched(model, g, W, clean, corrupt)).abs().max() <= ATOL, i
+            spares = patching._SLOTS[model].spares
+            assert "gathered" in spares
+            spares["gathered"].fill_(float("nan"))
+    assert gathers
+    ep.release_buffers(model)
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_kept_ablation_storage_serves_one_call(model_class):
+    """A sweep hands each batch's ablation storage back to the model (``keep_buffer``) for the next
+    batch's ``source_activations``. One kept storage serves one call: two later calls never share it,
+    and the second does not overwrite the first's values."""
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    a, b = tokens(model, batch=3, pos=6, seed=42), tokens(model, batch=3, pos=6, seed=43)
+    ep.release_buffers(model)
+    first = ep.source_activations(model, g, a)
+    want = first.values.clone()
+    kept = first.values.data_ptr()
+    patching.keep_buffer(model, "ablation", first.values)
+    del first
+    x = ep.source_activations(model, g, a)
+    y = ep.source_activations(model, g, b)
+    assert x.values.data_ptr() == kept  # the kept storage was taken
+    assert y.values.untyped_storage().data_ptr() != x.values.untyped_storage().data_ptr()
+    assert torch.equal(x.values, want)
+    assert not torch.equal(y.values, want)
     ep.release_buffers(model)
     assert not patching._SLOTS[model].spares
 
