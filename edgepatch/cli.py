@@ -173,6 +173,43 @@ def _task(args: argparse.Namespace, model: Any) -> Any:
     return fn(tok, n=args.n_prompts, seed=args.seed)
 
 
+def _score_settings(args: argparse.Namespace, method: str, model: Any, graph: Any, data: Any) -> dict[str, Any]:
+    """What a method's scores depend on (the model, the graph, the prompts and the scoring options): saved
+    with the scores, and compared before a resumed run reuses them."""
+    from edgepatch.progress import run_fingerprint
+
+    extra: dict[str, Any] = {"positions": args.positions}
+    if method.startswith("eap-ig"):
+        extra["steps"] = args.steps
+    if method == "random":
+        extra["seed"] = args.seed
+    if method == "learned":  # (its minibatches; the other methods' scores do not depend on the batch size)
+        extra["batch_size"] = args.batch_size
+    return run_fingerprint(model, graph, data, args.ablation, method=method, metric=args.metric, **extra)
+
+
+def _resumed_scores(path: Path, graph: Any, settings: dict[str, Any], run: Sequence[Path]) -> Any:
+    """The scores saved at ``path`` by an earlier run with these ``settings``; None when the file cannot be
+    read (they are computed again). Scores from other settings, or saved without them (by an earlier
+    edgepatch), raise: the folder belongs to another run, whose files ``run`` the message names."""
+    from edgepatch import io as epio
+    from edgepatch.progress import fingerprint_diff
+
+    try:
+        scores = epio.load_scores(path, graph=graph)
+    except Exception:
+        return None
+    saved = scores.info.get("settings")
+    shown = fingerprint_diff(saved, settings) if isinstance(saved, dict) else "saved without their settings"
+    if shown:
+        raise CliError(
+            f"{path}.safetensors holds {scores.method} scores from other settings ({shown}). Use another --out "
+            f"for these settings, or delete {', '.join(str(p) for p in [path.with_suffix('.safetensors'), *run])} "
+            f"to start over."
+        )
+    return scores
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -293,12 +330,12 @@ def run(args: argparse.Namespace) -> int:
             scores_path = out / f"scores_{method}{tag}"
             t = time.perf_counter()
             scores = None
+            settings = _score_settings(args, method, model, graph, data)
             if args.resume and (scores_path.with_suffix(".safetensors")).exists():
-                try:
-                    scores = epio.load_scores(scores_path, graph=graph)
+                scores = _resumed_scores(scores_path, graph, settings,
+                                         [p for p in (out / f"{method}{tag}", out / f"sweep_{method}{tag}") if p.exists()])
+                if scores is not None:
                     print(f"[{method}] scores loaded from {scores_path}.safetensors (resume)")
-                except Exception:
-                    scores = None
             if scores is None:
                 opts: dict[str, Any] = dict(ablation=args.ablation, batch_size=args.batch_size, progress=args.progress)
                 if method.startswith("eap-ig"):
@@ -311,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
                     opts["out"] = out / f"{method}{tag}"  # the scoring's progress
                 stage = f"scoring with {method}"
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
+                scores.info["settings"] = settings  # what a resumed run checks before it reuses the file
                 epio.save_scores(scores, scores_path)
             record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
             stage = ""

@@ -100,15 +100,12 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
                 f"Cannot read the {what} progress in {str(path)!r} ({err}). Delete the folder {str(out_dir)!r} (or "
                 f"use another out=) to start over."
             ) from None
-        old = meta.get("fingerprint", {})
-        diffs = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-        if diffs:
-            shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(fingerprint.get(k))}" for k in diffs[:4])
+        shown = fingerprint_diff(meta.get("fingerprint", {}), fingerprint)
+        if shown:
             article = "an" if what[0].lower() in "aeiou" else "a"
             raise EdgepatchError(
-                f"out={str(out_dir)!r} holds {article} {what} with different settings ({shown}"
-                f"{'; ...' if len(diffs) > 4 else ''}). Use another out folder for these settings, or delete "
-                f"{str(out_dir)!r} to start over."
+                f"out={str(out_dir)!r} holds {article} {what} with different settings ({shown}). Use another out "
+                f"folder for these settings, or delete {str(out_dir)!r} to start over."
             )
         for k, v in saved.items():
             if k in state and state[k].shape == v.shape:
@@ -116,6 +113,14 @@ def open_progress(out_dir: Path, fingerprint: dict[str, Any], state: dict[str, T
     else:
         atomic_write_text(out_dir / f"{what.replace(' ', '_').lower()}.json", json.dumps({"fingerprint": fingerprint}, indent=1))
     return path
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The entries of two fingerprints that differ, as ``key: saved ..., now ...`` (at most four), for an error
+    message; ``""`` when they are equal."""
+    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(new.get(k))}" for k in diffs[:4])
+    return shown + ("; ..." if len(diffs) > 4 else "")
 
 
 def save_progress(path: Path, state: dict[str, Tensor], fingerprint: dict[str, Any], **extra: Any) -> None:

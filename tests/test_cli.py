@@ -62,6 +62,34 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
     assert "scores loaded" in capsys.readouterr().out
 
 
+def test_resumed_scores_must_come_from_the_same_settings(tmp_path, capsys):
+    """The command reuses a method's saved scores only when they were computed with the same model, prompts
+    and scoring options, which it saves with them: scores from other settings, or saved without them (by an
+    earlier edgepatch), are refused with what differs, never reused silently; --no-resume recomputes."""
+    import edgepatch as ep
+
+    out = tmp_path / "run"
+    argv = ["sweep", *FAST, "--method", "eap-ig", "--out", str(out)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "scores loaded" in capsys.readouterr().out
+    for change, what in ((["--steps", "3"], "steps: saved 5, now 3"), (["--n-prompts", "5"], "data: saved"),
+                         (["--metric", "prob_diff"], "metric: saved 'logit_diff', now 'prob_diff'"),
+                         (["--ablation", "zero"], "ablation: saved 'corrupt', now 'zero'")):
+        assert cli.main([*argv, *change]) == 2, change
+        err = capsys.readouterr().err
+        assert what in err and "from other settings" in err and "Use another --out" in err, err
+    scores = ep.io.load_scores(out / "scores_eap-ig")
+    del scores.info["settings"]
+    ep.io.save_scores(scores, out / "scores_eap-ig")
+    assert cli.main(argv) == 2
+    assert "saved without their settings" in capsys.readouterr().err
+    assert cli.main([*argv, "--no-resume"]) == 0
+    assert ep.io.load_scores(out / "scores_eap-ig").info["settings"]["steps"] == 5
+    assert cli.main(argv) == 0  # the recomputed scores carry their settings again
+
+
 def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     """--positions: absolute slots on any task; the ioi task's named slots (a tiny random model with GPT-2's
     vocabulary and tokenizer stands in for a real one). Per-position files sit beside the edge run's."""
