@@ -328,18 +328,20 @@ def _take_storage(model: Any, name: str, like: Tensor, need: int) -> Tensor:
 
 
 def keep_buffer(model: Any, name: str, t: Tensor) -> None:
-    """Keep ``t``'s storage on ``model`` for a later :func:`take_buffer` (CPU, at most ``_KEEP_BYTES``; a
-    larger one already kept stays). The caller promises that nothing else still uses ``t`` or its views;
-    :func:`release_buffers` frees what is kept."""
+    """Keep ``t``'s storage on ``model`` for a later :func:`take_buffer` (CPU only; a larger one already kept
+    under ``name`` stays; nothing that would bring the model's kept buffers over ``_KEEP_BYTES`` in all). The
+    caller promises that nothing else still uses ``t`` or its views; :func:`release_buffers` frees what is
+    kept."""
     if t.device.type != "cpu":
         return
     storage = t.untyped_storage()
-    n = storage.nbytes() // t.element_size()
-    if n * t.element_size() > _KEEP_BYTES:
-        return
     spares = _slot(model).spares
-    if name not in spares or spares[name].numel() < n:
-        spares[name] = t.new_empty(0).set_(storage, 0, (n,))
+    kept = spares.get(name)
+    if kept is not None and kept.untyped_storage().nbytes() >= storage.nbytes():
+        return
+    others = sum(v.untyped_storage().nbytes() for k, v in spares.items() if k != name)
+    if others + storage.nbytes() <= _KEEP_BYTES:
+        spares[name] = t.new_empty(0).set_(storage, 0, (storage.nbytes() // t.element_size(),))
 
 
 def _set_flag(model: Any, flag: str, value: bool) -> None:
@@ -1822,7 +1824,7 @@ class _Engine:
         return (add_rows if additive else sub_rows), additive
 
 
-# Scratch buffers larger than this are not kept on the model between forwards (see _Engine._scratch):
+# The scratch buffers kept on a model between forwards (see keep_buffer) hold at most this much in all:
 # GPT-2 small keeps its differences up to ~2,200 tokens per forward (64 prompts x 32), SmolLM2-135M up
 # to ~1,500. ep.release_buffers(model) frees them at once.
 _KEEP_BYTES = 2**30
@@ -2103,8 +2105,8 @@ def release_buffers(model: Any) -> None:
     (CPU only; the largest of each used: the differences, ``batch x pos x n_src x d_model`` floats, e.g.
     60 MB for GPT-2 small at 8 x 16 tokens; one layer's head outputs, ``n_heads x batch x pos x
     d_model``; one layer's mixed inputs, ``batch x pos x`` its mixed destinations ``x d_model``, and the
-    sources a sparse circuit gathers for them; and a sweep's ablation, the size of the differences; none
-    over 1 GiB). They are also freed with the model. Reusing them spares every forward the page faults of
+    sources a sparse circuit gathers for them; and a sweep's ablation, the size of the differences; at
+    most 1 GiB in all, the first kept first). They are also freed with the model. Reusing them spares every forward the page faults of
     fresh allocations of that size."""
     slot = _SLOTS.get(model)
     if slot is not None:

@@ -889,9 +889,10 @@ def test_kept_ablation_storage_serves_one_call(model_class):
 
 
 def test_buffers_over_the_limit_are_not_kept(monkeypatch):
-    """A scratch buffer larger than ``_KEEP_BYTES`` is freed after its forward, not held on the model
-    while idle; smaller ones are kept. Sizes from the graph: the differences of 4 x 7 tokens, and the
-    limit set between the smaller and the larger forward's."""
+    """The scratch buffers held on the model while idle total at most ``_KEEP_BYTES``: a larger one is freed
+    after its forward; of the smaller, those kept first (the differences) stay and one that would pass the
+    total (the mixed inputs) is freed. Sizes from the graph: the differences of 4 x 7 and 2 x 5 tokens, the
+    limit set between the two."""
     model = cached_model("tiny", "hooked")
     g = ep.build_graph(model)
     d = model.cfg.d_model
@@ -908,6 +909,10 @@ def test_buffers_over_the_limit_are_not_kept(monkeypatch):
             assert ("differences" in spares) == kept, (batch, pos)
             if kept:
                 assert spares["differences"].numel() * 4 == small_bytes
+                # random weights mix every q/k/v input, the MLP input and the logits: 3h + 2 rows per token
+                mixed_bytes = 2 * 5 * (3 * model.cfg.n_heads + 2) * d * 4
+                assert small_bytes + mixed_bytes > patching._KEEP_BYTES and "mixed" not in spares
+                assert sum(t.untyped_storage().nbytes() for t in spares.values()) <= patching._KEEP_BYTES
     ep.release_buffers(model)
 
 
