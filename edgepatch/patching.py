@@ -313,7 +313,8 @@ def take_buffer(model: Any, name: str, like: Tensor, shape: tuple[int, ...]) -> 
     the caller owns it), else fresh. Large CPU allocations are mapped afresh by the C allocator every time
     and page-fault on their first write: a sweep's 60 MB ablation buffer (GPT-2 small, 8 x 16 tokens)
     took ~15,000 page faults per batch."""
-    return _take_storage(model, name, like, math.prod(shape))[: math.prod(shape)].view(shape)
+    need = math.prod(shape)
+    return _take_storage(model, name, like, need)[:need].view(shape)
 
 
 def _take_storage(model: Any, name: str, like: Tensor, need: int) -> Tensor:
@@ -833,8 +834,8 @@ class _Engine:
         self._reset()
 
     def _reset(self) -> None:
-        # this forward is over: its scratch buffers may serve the next one (not those too large to hold
-        # while idle: a notebook would keep them for good)
+        # this forward is over: its scratch buffers may serve the next one (within keep_buffer's cap on
+        # what a model holds while idle: a notebook would keep it for good)
         for name, store in getattr(self, "stores", {}).items():
             keep_buffer(self.model, name, store)
         self.stores: dict[str, Tensor] = {}  # scratch buffers this forward took (see _scratch)
@@ -2106,8 +2107,8 @@ def release_buffers(model: Any) -> None:
     60 MB for GPT-2 small at 8 x 16 tokens; one layer's head outputs, ``n_heads x batch x pos x
     d_model``; one layer's mixed inputs, ``batch x pos x`` its mixed destinations ``x d_model``, and the
     sources a sparse circuit gathers for them; and a sweep's ablation, the size of the differences; at
-    most 1 GiB in all, the first kept first). They are also freed with the model. Reusing them spares every forward the page faults of
-    fresh allocations of that size."""
+    most 1 GiB in all, the first kept first). They are also freed with the model. Reusing them spares
+    every forward the page faults of fresh allocations of that size."""
     slot = _SLOTS.get(model)
     if slot is not None:
         slot.spares.clear()
