@@ -8,8 +8,9 @@ Examples::
 
 Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), the sweep state
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
-``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness) and ``run.json``
-(versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
+``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness), ``mib_<method>.pt``
+(the scores in MIB / EAP-IG's graph format, to submit or to load with EAP-IG's ``Graph.from_pt``) and
+``run.json`` (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
 their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, learned
@@ -350,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
                 scores.info["settings"] = settings  # what a resumed run checks before it reuses the file
                 epio.save_scores(scores, scores_path)
+            if not scores.per_position:  # MIB's submission format (EAP-IG's Graph.from_pt reads it)
+                epio.to_mib_pt(scores, out / f"mib_{method}.pt")
             record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
             stage = ""
             t = time.perf_counter()

@@ -76,7 +76,7 @@ from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = [
     "save_scores", "load_scores", "save_circuit", "load_circuit", "save_sweep", "load_sweep",
-    "to_mib_json", "from_mib_json", "graph_to_dict", "graph_from_dict", "mib_edge_names",
+    "to_mib_json", "to_mib_pt", "from_mib_json", "graph_to_dict", "graph_from_dict", "mib_edge_names",
 ]
 
 _VERSION = 1
@@ -373,12 +373,60 @@ def _mib_cfg(graph: Graph) -> dict[str, Any]:
     return cfg
 
 
+def _mib_graph(scores_or_mask: EdgeScores | Tensor, graph: Graph | None, fn: str) -> dict[str, Any]:
+    """The MIB view of scores or a circuit mask (shared by :func:`to_mib_json` and :func:`to_mib_pt`): the
+    graph, the method and metric, every MIB edge's ``(score, in_graph)`` and the nodes in the graph."""
+    if isinstance(scores_or_mask, EdgeScores):
+        require_edge_scores(scores_or_mask, f"{fn} (MIB's graph format has no positions)")
+        graph = scores_or_mask.graph
+        scores = scores_or_mask.scores
+        mask = scores_or_mask.circuit_mask
+        method = scores_or_mask.method
+    elif isinstance(scores_or_mask, Tensor):
+        if graph is None:
+            raise EdgepatchError(f"{fn}(mask) needs the graph: {fn}(mask, graph=graph).")
+        graph.check_shape(scores_or_mask, "mask")
+        mask = scores_or_mask.detach().cpu().bool()
+        scores = mask.float()
+        method = "circuit"
+    else:
+        raise EdgepatchError(f"{fn} needs EdgeScores or a bool mask tensor; got {type(scores_or_mask).__name__}.")
+    if mask is not None:
+        mask = mask.detach().cpu().bool() & graph.valid
+    flat = graph.to_edges(scores.float().cpu()).tolist()
+    kept = graph.to_edges(mask).tolist() if mask is not None else [False] * graph.n_edges
+
+    edges: dict[str, tuple[float, bool]] = {}
+    # (node level: every outgoing edge carries the source's values)
+    for mib, s, k in zip(mib_edge_names(graph), flat, kept):
+        for n in mib:
+            edges[n] = (float(s), bool(k))
+    touched = {"logits"}
+    for n, (_, k) in edges.items():
+        if k:
+            src, dest = n.split("->")
+            touched.add(src)
+            touched.add(dest.split("<")[0])
+    node_scores = dict(zip(graph.src_names, map(float, flat))) if graph.level == "node" else None
+    return {"graph": graph, "method": method, "metric": getattr(scores_or_mask, "metric", ""), "edges": edges,
+            "touched": touched, "node_scores": node_scores}
+
+
+def _replace_atomically(path: str | os.PathLike, write: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, p)
+
+
 def to_mib_json(
     scores_or_mask: EdgeScores | Tensor, path: str | os.PathLike | None = None, graph: Graph | None = None
 ) -> dict[str, Any]:
     """Export scores (``EdgeScores``; ``in_graph`` from its ``circuit_mask``, else all false) or a circuit (a
     bool ``[n_src, n_dest]`` mask with ``graph=``; scores 1.0 on its edges) as MIB / EAP-IG graph JSON.
-    Writes it to ``path`` when given; returns the dict either way.
+    Writes it to ``path`` when given; returns the dict either way. For large graphs :func:`to_mib_pt`
+    writes MIB's smaller tensor format.
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -387,53 +435,75 @@ def to_mib_json(
     >>> d["edges"]["a0.h1->m1"], d["nodes"]["a0.h1"]
     ({'score': 1.0, 'in_graph': True}, {'in_graph': True})
     """
-    if isinstance(scores_or_mask, EdgeScores):
-        require_edge_scores(scores_or_mask, "to_mib_json (MIB's graph format has no positions)")
-        graph = scores_or_mask.graph
-        scores = scores_or_mask.scores
-        mask = scores_or_mask.circuit_mask
-        method = scores_or_mask.method
-    elif isinstance(scores_or_mask, Tensor):
-        if graph is None:
-            raise EdgepatchError("to_mib_json(mask) needs the graph: to_mib_json(mask, graph=graph).")
-        graph.check_shape(scores_or_mask, "mask")
-        mask = scores_or_mask.detach().cpu().bool()
-        scores = mask.float()
-        method = "circuit"
-    else:
-        raise EdgepatchError(f"to_mib_json needs EdgeScores or a bool mask tensor; got {type(scores_or_mask).__name__}.")
-    if mask is not None:
-        mask = mask.detach().cpu().bool() & graph.valid
-    flat = graph.to_edges(scores.float().cpu()).tolist()
-    kept = graph.to_edges(mask).tolist() if mask is not None else [False] * graph.n_edges
-    names = mib_edge_names(graph)
-
-    edges: dict[str, dict[str, Any]] = {}
-    for mib, s, k in zip(names, flat, kept):  # node level: every outgoing edge carries the source's values
-        for n in mib:
-            edges[n] = {"score": float(s), "in_graph": bool(k)}
-
-    touched = {"logits"}
-    for n, e in edges.items():
-        if e["in_graph"]:
-            src, dest = n.split("->")
-            touched.add(src)
-            touched.add(dest.split("<")[0])
-    nodes: dict[str, dict[str, Any]] = {n: {"in_graph": n in touched} for n in _mib_nodes(graph)}
-    if graph.level == "node":
-        for src, s in zip(graph.src_names, flat):
-            nodes[src]["score"] = float(s)
+    m = _mib_graph(scores_or_mask, graph, "to_mib_json")
+    graph = m["graph"]
+    edges = {n: {"score": s, "in_graph": k} for n, (s, k) in m["edges"].items()}
+    nodes: dict[str, dict[str, Any]] = {n: {"in_graph": n in m["touched"]} for n in _mib_nodes(graph)}
+    if m["node_scores"] is not None:
+        for src, s in m["node_scores"].items():
+            nodes[src]["score"] = s
     d = {
         "cfg": _mib_cfg(graph), "nodes": nodes, "edges": edges,
-        "edgepatch": {"graph": graph_to_dict(graph), "method": method,
-                      "metric": getattr(scores_or_mask, "metric", "")},
+        "edgepatch": {"graph": graph_to_dict(graph), "method": m["method"], "metric": m["metric"]},
     }
     if path is not None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(d))
-        os.replace(tmp, p)
+        _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(d)))
+    return d
+
+
+def _mib_layout(spec: ModelSpec) -> tuple[list[str], list[str]]:
+    """EAP-IG's dense layout (``Graph.get_dst_nodes`` and the forward order): the source rows and
+    destination columns of its ``[n_forward, n_backward]`` tensors. MLP rows and columns are there even
+    in attention-only models, as EAP-IG always builds them."""
+    src = ["input"]
+    dst: list[str] = []
+    for layer in range(spec.n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(spec.n_heads)]
+        src += heads + [f"m{layer}"]
+        dst += [f"{h}<{x}>" for x in "qkv" for h in heads] + [f"m{layer}"]
+    return src, dst + ["logits"]
+
+
+def to_mib_pt(
+    scores_or_mask: EdgeScores | Tensor, path: str | os.PathLike, graph: Graph | None = None
+) -> dict[str, Any]:
+    """Export scores or a circuit as MIB / EAP-IG's tensor format (``eap.graph.Graph.to_pt`` / ``from_pt``),
+    more compact than the JSON for large graphs: a ``torch.save`` file of a dict with ``cfg``,
+    ``src_nodes`` (EAP-IG's forward order), ``dst_nodes`` (per layer: every head's ``<q>``, then ``<k>``, then
+    ``<v>``, then the MLP; ``logits`` last), ``edges_scores`` and ``edges_in_graph`` (``[n_forward,
+    n_backward]``, 0 / false where EAP-IG has no edge), ``nodes_in_graph`` (``[n_forward]``) and, for
+    node-level graphs, ``nodes_scores``. Names map as in :func:`to_mib_json`. Returns the dict.
+
+    edgepatch writes this format but does not read it: it is a pickle, and loading a pickle can run code.
+    To bring such a file in, convert it where it came from (``Graph.from_pt(p).to_json(q)`` in EAP-IG) and
+    use :func:`from_mib_json`.
+
+    >>> import os, tempfile
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))  # 2 layers, 4 heads
+    >>> d = to_mib_pt(g.mask_from_edges(["a0.h1->m1"]), os.path.join(tempfile.mkdtemp(), "c.pt"), graph=g)
+    >>> d["edges_scores"].shape, d["dst_nodes"][:2], d["edges_in_graph"].sum().item()
+    (torch.Size([11, 27]), ['a0.h0<q>', 'a0.h1<q>'], 1)
+    """
+    m = _mib_graph(scores_or_mask, graph, "to_mib_pt")
+    graph = m["graph"]
+    src, dst = _mib_layout(graph.spec)
+    row = {n: i for i, n in enumerate(src)}
+    col = {n: i for i, n in enumerate(dst)}
+    scores = torch.zeros(len(src), len(dst))
+    in_graph = torch.zeros(len(src), len(dst), dtype=torch.bool)
+    for name, (s, k) in m["edges"].items():
+        a, b = name.split("->")
+        scores[row[a], col[b]] = s
+        in_graph[row[a], col[b]] = k
+    d: dict[str, Any] = {
+        "cfg": _mib_cfg(graph), "src_nodes": src, "dst_nodes": dst, "edges_scores": scores,
+        "edges_in_graph": in_graph, "nodes_in_graph": torch.tensor([n in m["touched"] for n in src]),
+    }
+    if m["node_scores"] is not None:
+        d["nodes_scores"] = torch.tensor([m["node_scores"].get(n, math.nan) for n in src])
+    _replace_atomically(path, lambda tmp: torch.save(d, tmp))
     return d
 
 
@@ -458,10 +528,18 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
     else:
         where = repr(str(path_or_dict))
         try:
-            d = json.loads(Path(path_or_dict).read_text())
+            raw = Path(path_or_dict).read_bytes()
         except FileNotFoundError:
             raise EdgepatchError(f"No such file: {where}.") from None
-        except json.JSONDecodeError as err:
+        if raw[:2] == b"PK" or raw[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
+            raise EdgepatchError(
+                f"{where} is a pickle-based file (EAP-IG's Graph.to_pt / torch.save), not graph JSON. edgepatch does "
+                f"not load pickles (loading one can run code): convert it where it was made, e.g. in EAP-IG "
+                f"`Graph.from_pt(path).to_json('graph.json')`, and import the JSON."
+            )
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EdgepatchError(f"{where} is not valid JSON ({err}).") from None
     if not isinstance(d, Mapping) or not isinstance(d.get("edges"), Mapping):
         raise EdgepatchError(

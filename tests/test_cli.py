@@ -24,6 +24,14 @@ def test_sweep_writes_everything(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "normalized faithfulness per edge count" in text and "CPR" in text and "eap" in text
     assert "<script src=\"http" not in (out / "faithfulness.html").read_text()[:200000]
+    import torch
+
+    import edgepatch as ep
+
+    mib = torch.load(out / "mib_eap.pt", weights_only=True)  # written by this test's run
+    want = ep.io.to_mib_pt(ep.io.load_scores(out / "scores_eap"), tmp_path / "want.pt")
+    assert torch.equal(mib["edges_scores"], want["edges_scores"]) and mib["dst_nodes"] == want["dst_nodes"]
+    assert mib["edges_scores"].abs().sum() > 0
 
 
 def test_compare_overlays_methods(tmp_path):
@@ -98,7 +106,8 @@ def test_per_position_sweeps(tmp_path, capsys, monkeypatch):
     assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"scores_eap_pos-absolute.safetensors", "sweep_eap_pos-absolute", "faithfulness_pos-absolute.html",
-            "run_pos-absolute.json", "scores_eap.safetensors", "run.json"} <= names
+            "run_pos-absolute.json", "scores_eap.safetensors", "run.json", "mib_eap.pt"} <= names
+    assert not any("mib" in n and "pos" in n for n in names)  # MIB's format has no positions
     import edgepatch as ep
 
     record = json.loads((out / "run_pos-absolute.json").read_text())

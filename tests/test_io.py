@@ -23,6 +23,7 @@ from edgepatch.io import (
     save_scores,
     save_sweep,
     to_mib_json,
+    to_mib_pt,
 )
 from edgepatch.scores import EdgeScores
 from edgepatch.sweep import SweepResult
@@ -241,6 +242,82 @@ def test_mib_json_import_errors():
     assert math.isnan(lenient.to_dict()["m1->logits"])
     with pytest.raises(EdgepatchError, match="is not MIB / EAP-IG graph JSON"):
         from_mib_json({"nodes": {}}, graph)
+
+
+def eap_ig_index(name, n_layers, n_heads):
+    """EAP-IG's ``Graph._forward_index`` / ``_backward_index`` for one edge name, written from its definition:
+    sources in forward order (input, then per layer its heads and its MLP), destinations per layer as every
+    head's q, then k, then v input, then the MLP input, with logits last."""
+    src, dest = name.split("->")
+    if src == "input":
+        f = 0
+    elif src.startswith("m"):
+        f = 1 + int(src[1:]) * (n_heads + 1) + n_heads
+    else:
+        layer, head = src[1:].split(".h")
+        f = 1 + int(layer) * (n_heads + 1) + int(head)
+    if dest == "logits":
+        b = n_layers * (3 * n_heads + 1)
+    elif dest.startswith("m"):
+        b = int(dest[1:]) * (3 * n_heads + 1) + 3 * n_heads
+    else:
+        node, qkv = dest[:-1].split("<")
+        layer, head = node[1:].split(".h")
+        b = int(layer) * (3 * n_heads + 1) + "qkv".index(qkv) * n_heads + int(head)
+    return f, b
+
+
+@pytest.mark.parametrize("preset, split, level", GRAPH_CASES)
+def test_mib_pt_is_eap_ig_dense_layout_of_the_json_export(tmp_path, preset, split, level):
+    graph = graph_of(preset, split, level)
+    spec = graph.spec
+    s = random_scores(graph)
+    d = to_mib_json(s)
+    returned = to_mib_pt(s, tmp_path / "sub" / "g.pt")
+    pt = torch.load(tmp_path / "sub" / "g.pt", weights_only=True)  # the file this test just wrote
+    n_fwd, n_bwd = 1 + spec.n_layers * (spec.n_heads + 1), spec.n_layers * (3 * spec.n_heads + 1) + 1
+    want_scores, want_in = torch.zeros(n_fwd, n_bwd), torch.zeros(n_fwd, n_bwd, dtype=torch.bool)
+    for name, e in d["edges"].items():
+        f, b = eap_ig_index(name, spec.n_layers, spec.n_heads)
+        want_scores[f, b], want_in[f, b] = e["score"], e["in_graph"]
+    assert set(pt) == {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"} | (
+        {"nodes_scores"} if level == "node" else set())
+    assert pt["cfg"] == d["cfg"]
+    assert torch.equal(pt["edges_scores"], want_scores) and torch.equal(pt["edges_in_graph"], want_in)
+    assert int(want_in.sum()) == sum(e["in_graph"] for e in d["edges"].values()) > 0
+    for i, n in enumerate(pt["src_nodes"]):
+        assert eap_ig_index(f"{n}->logits", spec.n_layers, spec.n_heads)[0] == i
+        assert bool(pt["nodes_in_graph"][i]) == d["nodes"].get(n, {"in_graph": False})["in_graph"]
+        if level == "node":
+            assert pt["nodes_scores"][i].item() == pytest.approx(d["nodes"][n]["score"])
+    for j, n in enumerate(pt["dst_nodes"]):
+        assert eap_ig_index(f"input->{n}", spec.n_layers, spec.n_heads)[1] == j
+    assert torch.equal(returned["edges_scores"], pt["edges_scores"])
+    assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_mib_pt_from_a_mask_and_bad_input(tmp_path):
+    graph = graph_of("tiny")
+    mask = graph.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits"])
+    d = to_mib_pt(mask, tmp_path / "c.pt", graph=graph)
+    kept = [(d["src_nodes"][f], d["dst_nodes"][b]) for f, b in d["edges_in_graph"].nonzero().tolist()]
+    assert sorted(kept) == [("a0.h0", "logits"), ("input", "a0.h0<q>")]
+    assert d["edges_scores"].sum().item() == 2.0
+    with pytest.raises(EdgepatchError, match=r"to_mib_pt\(mask\) needs the graph"):
+        to_mib_pt(mask, tmp_path / "c.pt")
+    per_position = EdgeScores(torch.randn(2, graph.n_src, graph.n_dest), graph, slots=("a", "b"))
+    with pytest.raises(EdgepatchError, match="to_mib_pt .* not per-position scores"):
+        to_mib_pt(per_position, tmp_path / "p.pt")
+
+
+def test_mib_import_refuses_pickles_and_binary_files(tmp_path):
+    graph = graph_of("tiny")
+    to_mib_pt(random_scores(graph), tmp_path / "g.pt")
+    with pytest.raises(EdgepatchError, match=r"'.*g\.pt' is a pickle-based file .*Graph\.from_pt\(path\)\.to_json"):
+        from_mib_json(tmp_path / "g.pt", graph)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(EdgepatchError, match="bin.json' is not valid JSON"):
+        from_mib_json(tmp_path / "bin.json", graph)
 
 
 def test_mib_edge_names_for_attention_only_models_skip_mlps():
