@@ -35,6 +35,7 @@ Example
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -193,13 +194,18 @@ class EdgeScores:
 
     def _check_k(self, k: int | float) -> int:
         n = self.n_items
-        if isinstance(k, float) and 0 <= k <= 1 and not float(k).is_integer():
-            return int(round(k * n))
-        k = int(k)
-        if not 0 <= k <= n:
-            what = "n_edges" if self.slots is None else "n_slots x n_edges"
-            raise EdgepatchError(f"k must be between 0 and {what} = {n} (or a fraction in [0, 1]); got {k}.")
-        return k
+        what = "n_edges" if self.slots is None else "n_slots x n_edges"
+        x = plain_number(k)
+        if x is None or (isinstance(x, float) and not (0 < x < 1 or x.is_integer())):
+            raise EdgepatchError(
+                f"k must be a count between 0 and {what} = {n} (a whole number) or a fraction strictly between 0 and "
+                f"1; got {k!r}."
+            )
+        if isinstance(x, float) and 0 < x < 1:
+            return int(round(x * n))
+        if not 0 <= int(x) <= n:
+            raise EdgepatchError(f"k must be between 0 and {what} = {n} (or a fraction in (0, 1)); got {int(x)}.")
+        return int(x)
 
     def __repr__(self) -> str:
         f = self.flat
@@ -208,6 +214,20 @@ class EdgeScores:
             f"EdgeScores({self.method}{', ' + self.metric if self.metric else ''}, {self.graph!r}{where}, "
             f"|score| max {float(f.abs().nan_to_num(0).max()):.3g})"
         )
+
+
+def plain_number(k: Any) -> int | float | None:
+    """``k`` as a Python int or float (numpy scalars and one-element tensors included), None if it is no
+    number (bools are not numbers here: ``True`` edges is a mistake, not one edge)."""
+    if isinstance(k, Tensor) and k.numel() == 1 and not k.dtype.is_complex:
+        k = k.item()
+    if isinstance(k, bool) or (hasattr(k, "dtype") and str(getattr(k, "dtype", "")) == "bool"):
+        return None
+    if isinstance(k, numbers.Integral):
+        return int(k)
+    if isinstance(k, numbers.Real):
+        return float(k)
+    return None
 
 
 def require_edge_scores(scores: EdgeScores, what: str) -> None:

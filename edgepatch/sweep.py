@@ -89,7 +89,7 @@ from edgepatch.metrics import (
 )
 from edgepatch.patching import Ablation, _check_graph, keep_buffer, patch, source_activations
 from edgepatch.progress import digest, open_progress, run_fingerprint, save_progress
-from edgepatch.scores import EdgeScores
+from edgepatch.scores import EdgeScores, plain_number
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
 
@@ -170,8 +170,10 @@ def edge_counts(
         raise EdgepatchError("counts is an empty list; give at least one edge count, e.g. counts=[10, 100].")
     out: list[int] = []
     for i, k in enumerate(items):
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise EdgepatchError(f"counts[{i}] = {k!r} is not a number; give edge counts (ints) or fractions (floats in (0, 1)).")
+        k = plain_number(k)  # numpy and 0-d tensor scalars too (counts=np.logspace(...).astype(int))
+        if k is None:
+            raise EdgepatchError(f"counts[{i}] = {items[i]!r} is not a number; give edge counts (ints) or fractions "
+                                 f"(floats in (0, 1)).")
         if isinstance(k, float) and 0 < k < 1:
             out.append(int(round(k * n_edges)))
             continue

@@ -75,6 +75,10 @@ def test_edge_counts_specs():
     assert edge_counts(graph, "mib") == [int(f * 110) for f in MIB_FRACTIONS] == [0, 0, 0, 1, 2, 5, 11, 22, 55, 110]
     assert edge_counts(graph, [0, 0.5, 110, 3, 3]) == [0, 55, 110, 3, 3]  # order and repeats kept
     assert edge_counts(graph, [1.0, 2.0]) == [1, 2]  # whole floats are counts, as in EdgeScores.circuit
+    import numpy as np  # numpy arrays and scalars and tensors of counts, as research code builds them
+
+    assert edge_counts(graph, np.logspace(0, 2, 3).astype(int)) == [1, 10, 100]
+    assert edge_counts(graph, [np.int64(3), np.float32(0.5), torch.tensor(7)]) == [3, 55, 7]
 
 
 def test_edge_counts_groups_follow_ties():
@@ -92,6 +96,7 @@ def test_edge_counts_groups_follow_ties():
     ([-1], "counts[0] = -1 is out of range"),
     ([1.5], "counts[0] = 1.5 is neither an edge count"),
     (["10"], "counts[0] = '10' is not a number"),
+    ([True], "counts[0] = True is not a number"),
     ([], "counts is an empty list"),
     ("groups", "counts='groups' follows runs of tied scores, so it needs the scores"),
 ])
@@ -100,6 +105,24 @@ def test_edge_counts_errors(spec, message):
     with pytest.raises(EdgepatchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")
                        .replace("[", r"\[").replace("]", r"\]")):
         edge_counts(graph, spec)
+
+
+def test_circuit_k_takes_counts_fractions_and_numpy_and_refuses_the_rest():
+    import numpy as np
+
+    graph = build_graph(cached_model("tiny", "hooked"))  # 110 edges
+    flat = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(0))
+    scores = EdgeScores(graph.from_edges(flat), graph)
+    top = flat.abs().argsort(descending=True)
+
+    def kept(k):
+        return graph.to_edges(scores.circuit(k)).nonzero().flatten().sort().values
+
+    for k, n in [(5, 5), (np.int64(5), 5), (torch.tensor(5), 5), (0.5, 55), (np.float64(0.1), 11), (1.0, 1), (0, 0)]:
+        assert torch.equal(kept(k), top[:n].sort().values), k
+    for bad in [1.5, "a", True, -1, 111, float("nan")]:
+        with pytest.raises(EdgepatchError, match="k must be"):
+            scores.circuit(bad)
 
 
 # ------------------------------------------------------------------------------------------------------
