@@ -301,8 +301,9 @@ def induction(
     Clean: ``[BOS] t_1 ... t_L t_1 ... t_{L-1}`` -> answer ``t_L`` (``L = seq_len``, tokens distinct).
     Corrupt: the second half is replaced by ``L - 1`` fresh random tokens that do not occur in the first
     half, so there is nothing to copy. ``wrong`` is another random token that occurs in neither. Pass a
-    tokenizer (special tokens are never sampled; ``prepend_bos`` uses its ``bos_token_id``) or an int
-    vocabulary size for small models (then ``prepend_bos`` needs ``bos_token_id``, which is not sampled).
+    tokenizer (special tokens are never sampled; ``prepend_bos`` uses its ``bos_token_id``), a model (its
+    tokenizer, or without one its ``cfg.d_vocab``) or an int vocabulary size for small models (then
+    ``prepend_bos`` needs ``bos_token_id``, which is not sampled).
     Every prompt has ``2 * seq_len - 1`` tokens (+1 with BOS).
 
     >>> d = induction(101, n=3, seq_len=4, seed=0)
@@ -315,6 +316,10 @@ def induction(
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2 (length of the repeated sequence), got {seq_len!r}.")
     tok = None
+    cfg = getattr(tokenizer_or_vocab_size, "cfg", None)
+    if (isinstance(tokenizer_or_vocab_size, torch.nn.Module) and getattr(tokenizer_or_vocab_size, "tokenizer", None)
+            is None and isinstance(getattr(cfg, "d_vocab", None), int)):
+        tokenizer_or_vocab_size = cfg.d_vocab  # a model without a tokenizer (random weights): its vocabulary
     if isinstance(tokenizer_or_vocab_size, int) and not isinstance(tokenizer_or_vocab_size, bool):
         vocab_size = tokenizer_or_vocab_size
         excluded = set() if bos_token_id is None else {int(bos_token_id)}

@@ -162,6 +162,9 @@ def test_induction_runs_on_a_small_vocab_model():
     with torch.no_grad():
         out = logit_diff(model(d.clean), d)
     assert out.shape == (4,) and torch.isfinite(out).all()
+    for cls in ("hooked", "bridge"):  # the model itself: it has no tokenizer, so its vocabulary size
+        m = random_model("tiny", model_class=cls, seed=0)
+        assert torch.equal(tasks.induction(m, n=4, seq_len=6, seed=0).clean, d.clean)
 
 
 def test_sva_structure(tok):
