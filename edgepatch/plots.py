@@ -50,6 +50,10 @@ _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#17becf")
 
 
+MAX_LINE_TRACES = 400  # plot_circuit: above this many lines, one trace per colour and width level
+_WIDTH_LEVELS = 8
+
+
 def _go() -> Any:
     try:
         import plotly.graph_objects as go
@@ -197,7 +201,10 @@ def plot_circuit(
     lists all). Nodes: every head and MLP as a faint marker, the circuit's nodes highlighted.
 
     Traces: one line per drawn (source node, destination node) pair, named ``"src->dest"``; ``"edge info"``
-    (hover markers at the middle of each line); ``"nodes"``; ``"circuit nodes"``.
+    (hover markers at the middle of each line); ``"nodes"``; ``"circuit nodes"``. Above
+    ``MAX_LINE_TRACES`` (400) lines, which a browser draws slowly one trace each, the lines are grouped into
+    one trace per colour and width level (8 levels of ``|score|``; named e.g. ``"positive edges, width 4.2"``);
+    hovering works the same.
 
     >>> import torch
     >>> from edgepatch.models import random_model
@@ -247,17 +254,31 @@ def plot_circuit(
 
     fig = go.Figure()
     mid_x, mid_y, mid_text = [], [], []
+    grouped = len(lines) > MAX_LINE_TRACES
+    groups: dict[tuple[str, int], tuple[list[float | None], list[float | None]]] = {}
     for (src, node), es in lines.items():
         strongest = max((v for _, v in es), key=lambda v: -1 if math.isnan(v) else abs(v))
         color = (POSITIVE if strongest >= 0 else NEGATIVE) if signed else POSITIVE
-        width = min_width + (max_width - min_width) * (abs(strongest) / vmax if signed and not math.isnan(strongest) else 0.5)
+        strength = abs(strongest) / vmax if signed and not math.isnan(strongest) else 0.5
         (x0, y0), (x1, y1) = _node_xy(src, graph), _node_xy(node, graph)
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", name=f"{src}->{node}",
-                                 line=dict(color=color, width=width), opacity=0.7, hoverinfo="skip",
-                                 showlegend=False))
+        if grouped:  # one trace per colour and width level: thousands of traces stall the browser
+            xs, ys = groups.setdefault((color, min(int(strength * _WIDTH_LEVELS), _WIDTH_LEVELS - 1)), ([], []))
+            xs += [x0, x1, None]
+            ys += [y0, y1, None]
+        else:
+            width = min_width + (max_width - min_width) * strength
+            fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", name=f"{src}->{node}",
+                                     line=dict(color=color, width=width), opacity=0.7, hoverinfo="skip",
+                                     showlegend=False))
         mid_x.append((x0 + x1) / 2)
         mid_y.append((y0 + y1) / 2)
         mid_text.append("<br>".join(f"{n}: {v:.4g}" if signed else n for n, v in es))
+    for (color, level), (xs, ys) in sorted(groups.items()):
+        width = min_width + (max_width - min_width) * (level + 0.5) / _WIDTH_LEVELS
+        sign = "negative" if color == NEGATIVE else "positive"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{sign} edges, width {width:.2g}",
+                                 line=dict(color=color, width=width), opacity=0.7, hoverinfo="skip",
+                                 showlegend=False))
     fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", name="edge info", text=mid_text,
                              hovertemplate="%{text}<extra></extra>", marker=dict(size=6, opacity=0.0),
                              showlegend=False))

@@ -112,6 +112,35 @@ def test_plot_circuit_mask_gqa_and_defaults():
         plot_circuit(graph.valid)
 
 
+def test_plot_circuit_groups_many_lines_into_few_traces(monkeypatch):
+    from edgepatch import plots
+
+    graph = graph_of()
+    s = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=torch.Generator().manual_seed(0)), graph)
+    single = plots.plot_circuit(s, k=60)  # one trace per line (below the limit)
+    want = {}
+    for t in line_traces(single).values():
+        want[(t.x[0], t.y[0], t.x[1], t.y[1])] = (t.line.color, t.line.width)
+    assert len(want) > 20
+    monkeypatch.setattr(plots, "MAX_LINE_TRACES", 20)
+    grouped = plots.plot_circuit(s, k=60)
+    traces = list(line_traces(grouped).values())
+    assert len(traces) <= 2 * plots._WIDTH_LEVELS
+    got = {}
+    for t in traces:
+        assert len(t.x) % 3 == 0 and t.x[2::3] == (None,) * (len(t.x) // 3)
+        for i in range(0, len(t.x), 3):
+            got[(t.x[i], t.y[i], t.x[i + 1], t.y[i + 1])] = (t.line.color, t.line.width)
+    assert got.keys() == want.keys()  # every line drawn once, in its own colour
+    assert all(got[k][0] == want[k][0] for k in want)
+    for a in want:  # widths keep their order, up to one level
+        for b in want:
+            if want[a][1] > want[b][1] + (8.0 - 0.5) / plots._WIDTH_LEVELS:
+                assert got[a][1] > got[b][1]
+    info = next(t for t in grouped.data if t.name == "edge info")
+    assert sorted(info.text) == sorted(next(t for t in single.data if t.name == "edge info").text)
+
+
 def test_plot_circuit_node_level_and_joint():
     from edgepatch.plots import plot_circuit
 
