@@ -64,6 +64,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -569,9 +570,17 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
         s = e.get("score") if isinstance(e, Mapping) else None
         return math.nan if s is None else float(s)
 
+    nodes = d.get("nodes") if isinstance(d.get("nodes"), Mapping) else {}
+    partial = [n for n, v in nodes.items() if isinstance(v, Mapping) and v.get("neurons") is not None
+               and not all(bool(x) for x in v["neurons"])]
+    if partial:
+        warnings.warn(
+            f"{where} is a neuron-level circuit ({len(partial)} node(s) keep only some of their neurons, e.g. "
+            f"{partial[0]!r}); edgepatch patches whole edges, so the imported circuit keeps those nodes' edges whole.",
+            stacklevel=2,
+        )
     node_scores = None
     if graph.level == "node":
-        nodes = d.get("nodes") or {}
         if all(isinstance(nodes.get(s), Mapping) and nodes[s].get("score") is not None for s in graph.src_names):
             node_scores = [float(nodes[s]["score"]) for s in graph.src_names]
     flat, kept, missing = [], [], []

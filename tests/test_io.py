@@ -320,6 +320,22 @@ def test_mib_import_refuses_pickles_and_binary_files(tmp_path):
         from_mib_json(tmp_path / "bin.json", graph)
 
 
+def test_mib_json_neuron_level_circuits_warn():
+    import warnings
+
+    graph = graph_of("tiny")
+    d = to_mib_json(random_scores(graph))
+    d_model = graph.spec.d_model
+    full = {**d, "nodes": {n: {**v, "neurons": [True] * d_model} for n, v in d["nodes"].items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_mib_json(full, graph)  # every neuron kept: an edge circuit, no warning
+    partial = {**full, "nodes": {**full["nodes"], "m0": {"in_graph": True, "neurons": [True, False] * (d_model // 2)}}}
+    with pytest.warns(UserWarning, match=r"neuron-level circuit \(1 node\(s\) keep only some of their neurons, e.g. 'm0'\)"):
+        back = from_mib_json(partial, graph)
+    assert torch.equal(back.circuit_mask, from_mib_json(d, graph).circuit_mask)
+
+
 def test_mib_edge_names_for_attention_only_models_skip_mlps():
     graph = graph_of("tiny-attn-only")
     names = {n for group in mib_edge_names(graph) for n in group}
