@@ -410,8 +410,9 @@ def run(args: argparse.Namespace) -> int:
     record["peak_memory_mb"] = _peak_mb(device)
     record["files"] = sorted(p.name for p in out.iterdir())
     record_path.write_text(json.dumps(record, indent=2, default=str))
-    print(f"\nWrote {out}/: faithfulness{tag}.html{' + .png' if png else ''}, scores, sweeps, circuits, {record_path.name} "
-          f"({record['timings']['total_s']:.0f} s)")
+    mib = "" if args.positions else ", MIB graphs (mib_*.pt)"
+    print(f"\nWrote {out}/: faithfulness{tag}.html{' + .png' if png else ''}, scores{mib}, sweeps, circuits, "
+          f"{record_path.name} ({record['timings']['total_s']:.0f} s)")
     return 0
 
 
