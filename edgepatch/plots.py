@@ -275,8 +275,8 @@ def plot_circuit(
         mid_text.append("<br>".join(f"{n}: {v:.4g}" if signed else n for n, v in es))
     for (color, level), (xs, ys) in sorted(groups.items()):
         width = min_width + (max_width - min_width) * (level + 0.5) / _WIDTH_LEVELS
-        sign = "negative" if color == NEGATIVE else "positive"
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{sign} edges, width {width:.2g}",
+        kind = ("negative edges" if color == NEGATIVE else "positive edges") if signed else "edges"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{kind}, width {width:.2g}",
                                  line=dict(color=color, width=width), opacity=0.7, hoverinfo="skip",
                                  showlegend=False))
     fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", name="edge info", text=mid_text,
