@@ -79,7 +79,7 @@ from edgepatch.patching import (
     source_activations,
     zero_ablation,
 )
-from edgepatch.progress import digest, resumable, run_fingerprint
+from edgepatch.progress import digest, positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 AblationSpec = "str | Ablation"
@@ -432,7 +432,7 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
     state = {"acc": acc if acc.device.type == "cpu" else acc.cpu(), "batches_done": torch.zeros(1, dtype=torch.int64)}
     save = resumable(out, state, f"{method.upper()} run", lambda: run_fingerprint(
         model, graph, data, ablation, metric=metric_name(metric), steps=steps, variant=variant, batch_size=batch_size,
-        positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
+        positions=positions_id(slots, names)))
     done = int(state["batches_done"])
     if done:
         acc.copy_(state["acc"])
@@ -580,7 +580,7 @@ def exact_patching(
     save = resumable(out, state, "exact patching", lambda: run_fingerprint(
         model, graph, data, ablation, metric=metric_name(metric), batch_size=batch_size,
         edges_per_forward=edges_per_forward, edges=digest(todo),
-        positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
+        positions=positions_id(slots, names)))
     effects = state["effects"]
     t0 = time.perf_counter()
     n_forwards = 0

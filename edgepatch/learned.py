@@ -89,7 +89,7 @@ from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
 from edgepatch.patching import Ablation, _check_graph, engine_flags
-from edgepatch.progress import digest, resumable, run_fingerprint
+from edgepatch.progress import positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["learn_masks"]
@@ -221,7 +221,7 @@ def learn_masks(
             model, graph, data, ablation, metric=metric_name, mask_fn=kind, target_sparsity=target_sparsity,
             penalty_weight=penalty_weight, epochs=epochs, lr=lr, lambda_lr=lambda_lr, warmup=warmup,
             final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size,
-            positions=None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}))
+            positions=positions_id(slots, names)))
         start = int(state.get("epochs_done", 0))
         if start:
             _restore_training(state, masks, opt, lambdas, lambda_opt, rng_devices)

@@ -158,6 +158,12 @@ def run_fingerprint(model: Any, graph: Graph, data: PromptPairs, ablation: Any, 
             "ablation": ablation_id(ablation), **settings}
 
 
+def positions_id(slots: Tensor | None, names: Any) -> dict[str, Any] | None:
+    """Per-position runs' fingerprint entry: the slot names and a hash of the prompts' slot table (None
+    for edge runs)."""
+    return None if slots is None else {"slots": list(names or ()), "tokens": digest(slots)}
+
+
 def ablation_id(ablation: Any) -> str:
     """An ablation as a fingerprint entry: its name, or its kind and a hash of a given Ablation's values."""
     values = getattr(ablation, "values", None)

@@ -88,7 +88,7 @@ from edgepatch.metrics import (
     reads_answer_only,
 )
 from edgepatch.patching import Ablation, _check_graph, keep_buffer, patch, source_activations
-from edgepatch.progress import digest, open_progress, run_fingerprint, save_progress
+from edgepatch.progress import digest, open_progress, positions_id, run_fingerprint, save_progress
 from edgepatch.scores import EdgeScores, plain_number
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
@@ -586,7 +586,7 @@ def sweep(
         if prune:  # (absent when False, so progress saved before the option existed still resumes)
             fingerprint["prune"] = True
         if slots is not None:
-            fingerprint["positions"] = {"slots": list(scores.slots or ()), "tokens": digest(slots)}
+            fingerprint["positions"] = positions_id(slots, scores.slots)
         progress_path = open_progress(out_dir, fingerprint, state)
 
     def save_state() -> None:
