@@ -73,6 +73,7 @@ from torch import Tensor
 
 from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, ModelSpec, graph_from_spec
+from edgepatch.progress import atomic_save, atomic_write, atomic_write_text
 from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = [
@@ -155,19 +156,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _write(path: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
-
     tpath, jpath = _paths(path)
     tpath.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "edgepatch", "kind": kind, "version": _VERSION, **meta}
-    text = json.dumps(header, indent=1)
-    tmp = tpath.with_name(tpath.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"edgepatch": json.dumps(header)})
-    os.replace(tmp, tpath)
-    jtmp = jpath.with_name(jpath.name + ".tmp")
-    jtmp.write_text(text)
-    os.replace(jtmp, jpath)
+    atomic_save(tensors, tpath, {"edgepatch": json.dumps(header)})
+    atomic_write_text(jpath, json.dumps(header, indent=1))
     return tpath
 
 
@@ -413,12 +406,11 @@ def _mib_graph(scores_or_mask: EdgeScores | Tensor, graph: Graph | None, fn: str
             "touched": touched, "node_scores": node_scores}
 
 
-def _replace_atomically(path: str | os.PathLike, write: Any) -> None:
+def _write_new(path: str | os.PathLike, write: Any) -> None:
+    """``write`` to ``path`` atomically, creating its folder."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, p)
+    atomic_write(p, write)
 
 
 def to_mib_json(
@@ -448,7 +440,7 @@ def to_mib_json(
         "edgepatch": {"graph": graph_to_dict(graph), "method": m["method"], "metric": m["metric"]},
     }
     if path is not None:
-        _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(d)))
+        _write_new(path, lambda tmp: tmp.write_text(json.dumps(d)))
     return d
 
 
@@ -504,7 +496,7 @@ def to_mib_pt(
     }
     if m["node_scores"] is not None:
         d["nodes_scores"] = torch.tensor([m["node_scores"].get(n, math.nan) for n in src])
-    _replace_atomically(path, lambda tmp: torch.save(d, tmp))
+    _write_new(path, lambda tmp: torch.save(d, tmp))
     return d
 
 
