@@ -1,4 +1,4 @@
-"""Saving and loading scores, circuits and sweep results; MIB / EAP-IG graph JSON export and import.
+"""Saving and loading scores, circuits and sweep results; MIB / EAP-IG graph export and import (JSON and tensors).
 
 Context
 -------
@@ -37,6 +37,10 @@ graph if any of them is:
 - node-level graphs: each source's score is written as the node's ``"score"`` and on all its outgoing edges
   (a node weight applies to every outgoing edge); reading uses the node scores when present.
 
+EAP-IG's tensor format (``Graph.to_pt`` / ``from_pt``) holds the same graph as dense ``[n_forward,
+n_backward]`` score and ``in_graph`` tensors: :func:`to_mib_pt` writes it and :func:`from_mib_pt` reads it,
+checking the file's pickle before loading it (see there).
+
 EAP-IG graphs always contain MLP nodes; graphs of attention-only models are written without them, and their
 MLP edges are ignored on import.
 
@@ -60,11 +64,14 @@ True
 from __future__ import annotations
 
 import dataclasses
+import io as _io
 import json
 import math
 import os
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,7 +85,7 @@ from edgepatch.scores import EdgeScores, require_edge_scores
 
 __all__ = [
     "save_scores", "load_scores", "save_circuit", "load_circuit", "save_sweep", "load_sweep",
-    "to_mib_json", "to_mib_pt", "from_mib_json", "graph_to_dict", "graph_from_dict", "mib_edge_names",
+    "to_mib_json", "to_mib_pt", "from_mib_json", "from_mib_pt", "graph_to_dict", "graph_from_dict", "mib_edge_names",
 ]
 
 _VERSION = 1
@@ -465,11 +472,9 @@ def to_mib_pt(
     ``src_nodes`` (EAP-IG's forward order), ``dst_nodes`` (per layer: every head's ``<q>``, then ``<k>``, then
     ``<v>``, then the MLP; ``logits`` last), ``edges_scores`` and ``edges_in_graph`` (``[n_forward,
     n_backward]``, 0 / false where EAP-IG has no edge), ``nodes_in_graph`` (``[n_forward]``) and, for
-    node-level graphs, ``nodes_scores``. Names map as in :func:`to_mib_json`. Returns the dict.
-
-    edgepatch writes this format but does not read it: it is a pickle, and loading a pickle can run code.
-    To bring such a file in, convert it where it came from (``Graph.from_pt(p).to_json(q)`` in EAP-IG) and
-    use :func:`from_mib_json`.
+    node-level graphs, ``nodes_scores``; plus an ``"edgepatch"`` entry with the graph spec and the method,
+    which EAP-IG ignores. Names map as in :func:`to_mib_json`. Returns the dict; :func:`from_mib_pt` reads
+    it back.
 
     >>> import os, tempfile
     >>> from edgepatch.models import random_model
@@ -493,6 +498,7 @@ def to_mib_pt(
     d: dict[str, Any] = {
         "cfg": _mib_cfg(graph), "src_nodes": src, "dst_nodes": dst, "edges_scores": scores,
         "edges_in_graph": in_graph, "nodes_in_graph": torch.tensor([n in m["touched"] for n in src]),
+        "edgepatch": {"graph": graph_to_dict(graph), "method": m["method"], "metric": m["metric"]},
     }
     if m["node_scores"] is not None:
         d["nodes_scores"] = torch.tensor([m["node_scores"].get(n, math.nan) for n in src])
@@ -504,7 +510,8 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
     """Import MIB / EAP-IG graph JSON as :class:`EdgeScores` of ``graph`` (``circuit_mask`` from the edges'
     ``in_graph``; None when no edge is in the graph). Scores of several MIB edges that map to one edgepatch
     edge are averaged (grouped-query key/value heads, joint graphs). ``strict``: raise on graph edges the
-    JSON lacks (else their score is NaN) and on JSON edges the graph lacks (else they are ignored).
+    JSON lacks (else their score is NaN) and on JSON edges the graph lacks (else they are ignored). For
+    EAP-IG's tensor files (``Graph.to_pt``) use :func:`from_mib_pt`.
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -513,22 +520,16 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
     >>> g.edges_from_mask(s.circuit_mask)
     ['a0.h1->m1']
     """
-    if not isinstance(graph, Graph):
-        raise EdgepatchError(f"from_mib_json(path, graph): graph must be an edgepatch Graph; got {type(graph).__name__}.")
+    _check_graph_arg(graph, "from_mib_json")
     if isinstance(path_or_dict, Mapping):
         d = path_or_dict
         where = "the given dict"
     else:
-        where = repr(str(path_or_dict))
-        try:
-            raw = Path(path_or_dict).read_bytes()
-        except FileNotFoundError:
-            raise EdgepatchError(f"No such file: {where}.") from None
+        where, raw = _read_bytes(path_or_dict)
         if raw[:2] == b"PK" or raw[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
             raise EdgepatchError(
-                f"{where} is a pickle-based file (EAP-IG's Graph.to_pt / torch.save), not graph JSON. edgepatch does "
-                f"not load pickles (loading one can run code): convert it where it was made, e.g. in EAP-IG "
-                f"`Graph.from_pt(path).to_json('graph.json')`, and import the JSON."
+                f"{where} is a tensor file (EAP-IG's Graph.to_pt / torch.save), not graph JSON: import it with "
+                f"ep.io.from_mib_pt(path, graph)."
             )
         try:
             d = json.loads(raw.decode("utf-8"))
@@ -539,7 +540,157 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
             f"{where} is not MIB / EAP-IG graph JSON: expected a dict with 'cfg', 'nodes' and 'edges' "
             f"(edges: {{'src->dest': {{'score': float, 'in_graph': bool}}}})."
         )
-    cfg = d.get("cfg") or {}
+    nodes = d.get("nodes") if isinstance(d.get("nodes"), Mapping) else {}
+    partial = [n for n, v in nodes.items() if isinstance(v, Mapping) and v.get("neurons") is not None
+               and not all(bool(x) for x in v["neurons"])]
+    meta = d.get("edgepatch") if isinstance(d.get("edgepatch"), Mapping) else {}
+    return _import_mib(d.get("cfg"), nodes, d["edges"], partial, meta, where, graph, strict, "mib-json")
+
+
+def from_mib_pt(path: str | os.PathLike, graph: Graph, strict: bool = True) -> EdgeScores:
+    """Import MIB / EAP-IG's tensor format (``eap.graph.Graph.to_pt``, and :func:`to_mib_pt`) as
+    :class:`EdgeScores` of ``graph``, with the same name mapping and ``strict`` rules as :func:`from_mib_json`.
+    Reads both EAP-IG layouts: the current one (``edges_scores``, ``nodes_in_graph``, ``src_nodes`` a list)
+    and the earlier one (``edges``, ``src_nodes`` a dict of node -> in graph); rows and columns are matched
+    by the file's ``src_nodes`` / ``dst_nodes`` names, so their order does not matter.
+
+    These files are ``torch.save`` archives, whose index is a pickle. edgepatch never unpickles it freely:
+    before anything is loaded, every object the pickle refers to is checked against what a graph file needs
+    (tensors, their storages, dicts), and the archive against the members ``torch.save`` writes; only then
+    is it read with ``torch.load(weights_only=True)``, PyTorch's restricted loader. A file that refers to
+    anything else (code, classes, TorchScript) is refused, so loading one never runs code from it.
+
+    >>> import os, tempfile
+    >>> from edgepatch.models import random_model
+    >>> from edgepatch.graph import build_graph
+    >>> g = build_graph(random_model("tiny"))
+    >>> path = os.path.join(tempfile.mkdtemp(), "c.pt")
+    >>> _ = to_mib_pt(g.mask_from_edges(["a0.h1->m1"]), path, graph=g)
+    >>> g.edges_from_mask(from_mib_pt(path, g).circuit_mask)
+    ['a0.h1->m1']
+    """
+    _check_graph_arg(graph, "from_mib_pt")
+    where, raw = _read_bytes(path)
+    d = _load_graph_pt(raw, where)
+    scores_key = "edges_scores" if "edges_scores" in d else "edges"
+    missing = [k for k in ("src_nodes", "dst_nodes", scores_key, "edges_in_graph") if k not in d]
+    if missing:
+        raise EdgepatchError(
+            f"{where} is not an EAP-IG graph file: it lacks {missing} (it has {sorted(map(str, d))}). Expected "
+            f"Graph.to_pt's dict: cfg, src_nodes, dst_nodes, edges_scores, edges_in_graph, nodes_in_graph."
+        )
+    positional = [k for k in d if str(k).startswith("positional")]
+    if positional:
+        raise EdgepatchError(
+            f"{where} holds a per-position circuit ({positional[0]!r}); edgepatch imports MIB graphs without "
+            f"positions only. Per-position scores come from edgepatch itself (ep.attribute(..., positions=...))."
+        )
+    src, dst = list(d["src_nodes"]), list(d["dst_nodes"])
+    scores, in_graph = d[scores_key], d["edges_in_graph"]
+    for key, t in ((scores_key, scores), ("edges_in_graph", in_graph)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (len(src), len(dst)):
+            got = f"shape {shape_str(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise EdgepatchError(
+                f"{where}: {key!r} should be a [len(src_nodes), len(dst_nodes)] = [{len(src)}, {len(dst)}] tensor; "
+                f"got {got}."
+            )
+    row = {str(n): i for i, n in enumerate(src)}
+    col = {str(n): i for i, n in enumerate(dst)}
+    scores_l, kept_l = scores.float().tolist(), in_graph.bool().tolist()
+    edges: dict[str, dict[str, Any]] = {}
+    for group in mib_edge_names(graph):
+        for name in group:
+            a, b = name.split("->")
+            if a in row and b in col:
+                edges[name] = {"score": scores_l[row[a]][col[b]], "in_graph": kept_l[row[a]][col[b]]}
+    for r, c in in_graph.bool().nonzero().tolist():  # circuit edges the graph lacks: `strict` decides
+        edges.setdefault(f"{src[r]}->{dst[c]}", {"score": scores_l[r][c], "in_graph": True})
+    if isinstance(d["src_nodes"], Mapping):  # EAP-IG's earlier layout: {node: in_graph}
+        flags = [bool(v) for v in d["src_nodes"].values()]
+    else:
+        flags = [bool(v) for v in d["nodes_in_graph"].tolist()] if isinstance(d.get("nodes_in_graph"), Tensor) else []
+    nodes: dict[str, dict[str, Any]] = {str(n): {"in_graph": f} for n, f in zip(src, flags)}
+    node_scores = d.get("nodes_scores")
+    if isinstance(node_scores, Tensor) and node_scores.numel() == len(src):
+        for n, v in zip(src, node_scores.float().tolist()):
+            nodes.setdefault(str(n), {})["score"] = None if math.isnan(v) else v
+    neurons = d.get("neurons_in_graph")
+    partial = []
+    if isinstance(neurons, Tensor) and neurons.dim() == 2 and neurons.shape[0] == len(src):
+        partial = [str(src[i]) for i in (~neurons.bool().all(dim=1)).nonzero().flatten().tolist()]
+    meta = d.get("edgepatch") if isinstance(d.get("edgepatch"), Mapping) else {}
+    return _import_mib(d.get("cfg"), nodes, edges, partial, meta, where, graph, strict, "mib-pt")
+
+
+def _check_graph_arg(graph: Any, fn: str) -> None:
+    if not isinstance(graph, Graph):
+        raise EdgepatchError(f"{fn}(path, graph): graph must be an edgepatch Graph; got {type(graph).__name__}.")
+
+
+def _read_bytes(path: str | os.PathLike) -> tuple[str, bytes]:
+    where = repr(str(path))
+    try:
+        return where, Path(path).read_bytes()
+    except FileNotFoundError:
+        raise EdgepatchError(f"No such file: {where}.") from None
+
+
+# What a graph file's pickle may refer to: tensors rebuilt from their storages, ordered dicts (a tensor's
+# empty backward hooks). Anything else (a function, a class, a module) is refused before loading.
+_PT_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")} | {
+    ("torch", f"{t}Storage") for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char",
+                                        "Byte", "Bool")
+}
+_PT_REFUSED_OPS = {"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2", "EXT4"}
+_PT_MEMBERS = re.compile(r"[^/]+/(data\.pkl|data/\d+|version|\.format_version|\.storage_alignment|byteorder|"
+                         r"\.data/serialization_id|\.data/version)")
+
+
+def _load_graph_pt(raw: bytes, where: str) -> Mapping[str, Any]:
+    """The dict of a ``torch.save`` graph file, loaded only after its archive members and every global its
+    pickle names are known to be plain data (see :func:`from_mib_pt`)."""
+    convert = ("Convert it where it was made, e.g. in EAP-IG `Graph.from_pt(path).to_json('graph.json')`, and use "
+               "from_mib_json.")
+    if raw[:2] != b"PK":
+        kind = "a bare pickle (torch.save's pre-1.6 format)" if raw[:1] == b"\x80" else "not a torch.save archive"
+        raise EdgepatchError(f"{where} is {kind}; from_mib_pt reads the zip archives torch.save writes. {convert}")
+    try:
+        with zipfile.ZipFile(_io.BytesIO(raw)) as z:
+            names = z.namelist()
+            odd = [n for n in names if not _PT_MEMBERS.fullmatch(n)]
+            pkl = [n for n in names if n.endswith("/data.pkl")]
+            if odd or len(pkl) != 1:
+                raise EdgepatchError(
+                    f"{where} is not a plain tensor file: " + (f"it contains {odd[0]!r} (TorchScript or other code?), "
+                    if odd else f"it has {len(pkl)} data.pkl members, ") + f"which a graph file does not. {convert}"
+                )
+            index = z.read(pkl[0])
+    except zipfile.BadZipFile as err:
+        raise EdgepatchError(f"{where} is not a readable torch.save archive ({err}).") from None
+    try:
+        for op, arg, _ in pickletools.genops(index):  # parses the opcodes; runs and imports nothing
+            if op.name in _PT_REFUSED_OPS or (op.name == "GLOBAL" and tuple(str(arg).split(" ", 1)) not in _PT_GLOBALS):
+                what = f"the global {str(arg).replace(' ', '.')!r}" if op.name == "GLOBAL" else f"the opcode {op.name}"
+                raise EdgepatchError(
+                    f"{where} refers to {what}, which a graph file of tensors, lists and dicts does not; edgepatch "
+                    f"does not load it (loading could run code from the file). {convert}"
+                )
+    except (ValueError, EOFError) as err:
+        raise EdgepatchError(f"{where}: its data.pkl is not a valid pickle ({err}).") from None
+    try:
+        d = torch.load(_io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's message, with the file named
+        raise EdgepatchError(f"{where} could not be read as a tensor file: {err}") from None
+    if not isinstance(d, Mapping):
+        raise EdgepatchError(f"{where} holds a {type(d).__name__}, not EAP-IG's graph dict (Graph.to_pt).")
+    return d
+
+
+def _import_mib(cfg: Any, nodes: Mapping[str, Any], edges: Mapping[str, Any], partial: list[str],
+                meta: Mapping[str, Any], where: str, graph: Graph, strict: bool, default_method: str) -> EdgeScores:
+    """The import shared by :func:`from_mib_json` and :func:`from_mib_pt`, from MIB edge names to their
+    ``{"score", "in_graph"}`` and node names to their ``{"in_graph", "score"}``."""
+    cfg = cfg if isinstance(cfg, Mapping) else {}
     spec = graph.spec
     for key, mine in (("n_layers", spec.n_layers), ("n_heads", spec.n_heads)):
         if key in cfg and int(cfg[key]) != mine:
@@ -547,14 +698,13 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
                 f"{where} describes a model with {key}={cfg[key]} but {graph!r} has {key}={mine}; import it into the "
                 f"graph of the model it was made for."
             )
-    edges: Mapping[str, Any] = d["edges"]
     names = mib_edge_names(graph)
     known = {n for group in names for n in group}
     unknown = [n for n in edges if n not in known and not (spec.attn_only and _touches_mlp(n))]
     if unknown and strict:
         raise EdgepatchError(
             f"{where} has {len(unknown)} edge(s) that {graph!r} lacks, e.g. {unknown[0]!r}."
-            f"{suggest(unknown[0], known)} Use the graph of the model the JSON was made for (split_qkv does not "
+            f"{suggest(unknown[0], known)} Use the graph of the model the file was made for (split_qkv does not "
             f"matter), or pass strict=False to ignore them."
         )
 
@@ -562,14 +712,11 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
         s = e.get("score") if isinstance(e, Mapping) else None
         return math.nan if s is None else float(s)
 
-    nodes = d.get("nodes") if isinstance(d.get("nodes"), Mapping) else {}
-    partial = [n for n, v in nodes.items() if isinstance(v, Mapping) and v.get("neurons") is not None
-               and not all(bool(x) for x in v["neurons"])]
     if partial:
         warnings.warn(
             f"{where} is a neuron-level circuit ({len(partial)} node(s) keep only some of their neurons, e.g. "
             f"{partial[0]!r}); edgepatch patches whole edges, so the imported circuit keeps those nodes' edges whole.",
-            stacklevel=2,
+            stacklevel=3,
         )
     node_scores = None
     if graph.level == "node":
@@ -591,12 +738,11 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
     if missing and strict:
         raise EdgepatchError(
             f"{where} lacks {len(missing)} of the {graph.n_edges} edges of {graph!r}, e.g. {missing[0]!r}. Use the "
-            f"graph of the model the JSON was made for, or pass strict=False to give those edges NaN scores."
+            f"graph of the model the file was made for, or pass strict=False to give those edges NaN scores."
         )
     dense = graph.from_edges(torch.tensor(flat, dtype=torch.float32), fill=math.nan)
     mask = graph.from_edges(torch.tensor(kept, dtype=torch.bool), fill=False).bool()
-    meta = d.get("edgepatch") if isinstance(d.get("edgepatch"), Mapping) else {}
-    return EdgeScores(dense, graph, method=str(meta.get("method", "mib-json")), metric=str(meta.get("metric", "")),
+    return EdgeScores(dense, graph, method=str(meta.get("method", default_method)), metric=str(meta.get("metric", "")),
                       info={"source": where}, circuit_mask=mask if bool(mask.any()) else None)
 
 

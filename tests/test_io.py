@@ -13,6 +13,7 @@ from edgepatch.errors import EdgepatchError
 from edgepatch.graph import build_graph
 from edgepatch.io import (
     from_mib_json,
+    from_mib_pt,
     graph_from_dict,
     graph_to_dict,
     load_circuit,
@@ -280,8 +281,9 @@ def test_mib_pt_is_eap_ig_dense_layout_of_the_json_export(tmp_path, preset, spli
     for name, e in d["edges"].items():
         f, b = eap_ig_index(name, spec.n_layers, spec.n_heads)
         want_scores[f, b], want_in[f, b] = e["score"], e["in_graph"]
-    assert set(pt) == {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"} | (
-        {"nodes_scores"} if level == "node" else set())
+    assert set(pt) == {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph",
+                       "edgepatch"} | ({"nodes_scores"} if level == "node" else set())
+    assert pt["edgepatch"] == {**d["edgepatch"], "graph": graph_to_dict(graph)}
     assert pt["cfg"] == d["cfg"]
     assert torch.equal(pt["edges_scores"], want_scores) and torch.equal(pt["edges_in_graph"], want_in)
     assert int(want_in.sum()) == sum(e["in_graph"] for e in d["edges"].values()) > 0
@@ -310,14 +312,157 @@ def test_mib_pt_from_a_mask_and_bad_input(tmp_path):
         to_mib_pt(per_position, tmp_path / "p.pt")
 
 
-def test_mib_import_refuses_pickles_and_binary_files(tmp_path):
+def test_mib_json_import_points_tensor_files_to_from_mib_pt_and_refuses_binary_files(tmp_path):
     graph = graph_of("tiny")
     to_mib_pt(random_scores(graph), tmp_path / "g.pt")
-    with pytest.raises(EdgepatchError, match=r"'.*g\.pt' is a pickle-based file .*Graph\.from_pt\(path\)\.to_json"):
+    with pytest.raises(EdgepatchError, match=r"'.*g\.pt' is a tensor file .*ep\.io\.from_mib_pt\(path, graph\)"):
         from_mib_json(tmp_path / "g.pt", graph)
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(EdgepatchError, match="bin.json' is not valid JSON"):
         from_mib_json(tmp_path / "bin.json", graph)
+
+
+@pytest.mark.parametrize("preset, split, level", GRAPH_CASES)
+def test_mib_pt_round_trips_like_the_json(tmp_path, preset, split, level):
+    graph = graph_of(preset, split, level)
+    s = random_scores(graph)
+    to_mib_pt(s, tmp_path / "g.pt")
+    back = from_mib_pt(tmp_path / "g.pt", graph)
+    via_json = from_mib_json(to_mib_json(s), graph)
+    torch.testing.assert_close(back.scores, via_json.scores, equal_nan=True)
+    torch.testing.assert_close(back.scores, s.scores, equal_nan=True)
+    assert torch.equal(back.circuit_mask, s.circuit_mask)
+    assert (back.method, back.metric) == ("eap", "logit_diff")
+
+
+def eap_ig_file(d, layout="current", seed=0):
+    """An EAP-IG tensor file built in the test from graph JSON ``d``: rows and columns in a shuffled order
+    (they are matched by name), an extra zero row and column for nodes no edge uses, and either EAP-IG's
+    current keys or its earlier ones (``edges`` for the scores, ``src_nodes`` a dict of node -> in_graph)."""
+    gen = torch.Generator().manual_seed(seed)
+    src = sorted({n.split("->")[0] for n in d["edges"]}) + ["unused"]
+    dst = sorted({n.split("->")[1] for n in d["edges"]}) + ["unused<q>"]
+    src = [src[i] for i in torch.randperm(len(src), generator=gen).tolist()]
+    dst = [dst[i] for i in torch.randperm(len(dst), generator=gen).tolist()]
+    scores, kept = torch.zeros(len(src), len(dst)), torch.zeros(len(src), len(dst), dtype=torch.bool)
+    for name, e in d["edges"].items():
+        a, b = name.split("->")
+        scores[src.index(a), dst.index(b)] = e["score"]
+        kept[src.index(a), dst.index(b)] = e["in_graph"]
+    nodes = [d["nodes"].get(n, {"in_graph": False})["in_graph"] for n in src]
+    if layout == "current":
+        return {"cfg": d["cfg"], "src_nodes": src, "dst_nodes": dst, "edges_scores": scores, "edges_in_graph": kept,
+                "nodes_in_graph": torch.tensor(nodes)}
+    return {"cfg": d["cfg"], "src_nodes": dict(zip(src, nodes)), "dst_nodes": dst, "edges": scores,
+            "edges_in_graph": kept}
+
+
+@pytest.mark.parametrize("layout", ["current", "earlier"])
+@pytest.mark.parametrize("preset, split", [("tiny", True), ("tiny-gqa", False), ("tiny-attn-only", True)])
+def test_mib_pt_reads_eap_ig_files_by_name(tmp_path, preset, split, layout):
+    graph = graph_of(preset, split)
+    d = to_mib_json(random_scores(graph))
+    torch.save(eap_ig_file(d, layout), tmp_path / "eap.pt")
+    back = from_mib_pt(tmp_path / "eap.pt", graph)
+    want = from_mib_json(d, graph)
+    torch.testing.assert_close(back.scores, want.scores, equal_nan=True)
+    assert torch.equal(back.circuit_mask, want.circuit_mask)
+    assert back.method == "mib-pt"
+
+
+def test_mib_pt_import_errors(tmp_path):
+    graph = graph_of("tiny")
+    d = to_mib_json(random_scores(graph, with_mask=False))
+    f = eap_ig_file(d)
+
+    def load(obj, name="x.pt", **kw):
+        torch.save(obj, tmp_path / name)
+        return from_mib_pt(tmp_path / name, graph, **kw)
+
+    with pytest.raises(EdgepatchError, match=r"lacks \['edges_in_graph'\] .*Expected Graph\.to_pt's dict"):
+        load({k: v for k, v in f.items() if k != "edges_in_graph"})
+    with pytest.raises(EdgepatchError, match=r"'edges_scores' should be a \[len\(src_nodes\), len\(dst_nodes\)\] ="
+                                             r" \[\d+, \d+\] tensor; got shape \[3, 3\]"):
+        load({**f, "edges_scores": torch.zeros(3, 3)})
+    with pytest.raises(EdgepatchError, match="describes a model with n_layers=12"):
+        load({**f, "cfg": {**f["cfg"], "n_layers": 12}})
+    with pytest.raises(EdgepatchError, match=r"per-position circuit \('positional_scores'\)"):
+        load({**f, "positional_scores": torch.zeros(2)})
+    with pytest.raises(EdgepatchError, match="holds a list, not EAP-IG's graph dict"):
+        load([1, 2])
+    # an in-graph cell where EAP-IG has no edge (a parallel-attention edge in a sequential graph): strict raises
+    bad = {**f, "edges_in_graph": f["edges_in_graph"].clone()}
+    bad["edges_in_graph"][f["src_nodes"].index("m1"), f["dst_nodes"].index("m0")] = True
+    with pytest.raises(EdgepatchError, match=r"has 1 edge\(s\) that Graph.* lacks, e.g. 'm1->m0'"):
+        load(bad)
+    assert load(bad, strict=False).circuit_mask is None
+    fewer = {**f, "dst_nodes": [n if n != "logits" else "gone" for n in f["dst_nodes"]]}
+    with pytest.raises(EdgepatchError, match=r"lacks \d+ of the 110 edges"):
+        load(fewer)
+    assert math.isnan(load(fewer, strict=False).to_dict()["m1->logits"])
+    neurons = torch.ones(len(f["src_nodes"]), graph.spec.d_model, dtype=torch.bool)
+    neurons[f["src_nodes"].index("m0"), 3] = False
+    with pytest.warns(UserWarning, match=r"neuron-level circuit \(1 node\(s\) .* e.g. 'm0'\)"):
+        load({**f, "neurons_in_graph": neurons})
+    with pytest.raises(EdgepatchError, match="No such file"):
+        from_mib_pt(tmp_path / "missing.pt", graph)
+
+
+class _Payload:
+    """Pickles as a call that creates a folder: proof of whether loading a file ran code from it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.target),)
+
+
+def _archive(tmp_path, name, members):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / name, "w") as z:
+        for member, data in members.items():
+            z.writestr(f"archive/{member}", data)
+    return tmp_path / name
+
+
+def test_mib_pt_never_runs_code_from_the_file(tmp_path):
+    import os
+    import pickle
+
+    graph = graph_of("tiny")
+    target = tmp_path / "pwned"
+    good = eap_ig_file(to_mib_json(random_scores(graph)))
+    # a torch.save file whose dict also holds a function: refused by name before anything is loaded
+    torch.save({**good, "hook": os.getcwd}, tmp_path / "fn.pt")
+    with pytest.raises(EdgepatchError, match=r"refers to the global '(posix|nt)\.getcwd'.*does not load it"):
+        from_mib_pt(tmp_path / "fn.pt", graph)
+    # hand-built archives whose index would call os.mkdir when unpickled, in both pickle dialects
+    for protocol, what in ((2, r"the global '(posix|nt)\.mkdir'"), (4, "the opcode STACK_GLOBAL")):
+        evil = pickle.dumps({"cfg": good["cfg"], "x": _Payload(target)}, protocol=protocol)
+        path = _archive(tmp_path, f"evil{protocol}.pt", {"data.pkl": evil, "version": "3"})
+        with pytest.raises(EdgepatchError, match=what):
+            from_mib_pt(path, graph)
+    evil = pickle.dumps(_Payload(target), protocol=2)
+    (tmp_path / "bare.pt").write_bytes(evil)
+    with pytest.raises(EdgepatchError, match="a bare pickle"):
+        from_mib_pt(tmp_path / "bare.pt", graph)
+    # members torch.save does not write (TorchScript code) are refused even when the pickle is plain
+    torch.save(good, tmp_path / "ok.pt")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "ok.pt") as z:
+        members = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+    from_mib_pt(_archive(tmp_path, "repacked.pt", members), graph)  # the same members, re-zipped: loads
+    with pytest.raises(EdgepatchError, match=r"contains 'archive/code/__torch__\.py'"):
+        from_mib_pt(_archive(tmp_path, "ts.pt", {**members, "code/__torch__.py": "x"}), graph)
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:200])
+    with pytest.raises(EdgepatchError, match="not a readable torch.save archive"):
+        from_mib_pt(tmp_path / "trunc.pt", graph)
+    assert not target.exists()
 
 
 def test_mib_json_neuron_level_circuits_warn():
