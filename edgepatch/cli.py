@@ -10,7 +10,9 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 ``sweep_<method>/`` (resumable), ``faithfulness.html`` (and ``.png`` when kaleido can render),
 ``circuit_<method>.html`` (the smallest circuit reaching 80% normalized faithfulness), ``mib_<method>.pt``
 (the scores in MIB / EAP-IG's graph format, to submit or to load with EAP-IG's ``Graph.from_pt``) and
-``run.json`` (versions, options, timings, peak memory). Interrupt with Ctrl-C and run the same command again to
+``run.json`` (versions, options, timings, peak memory). ``--method file:PATH`` sweeps scores from a file
+instead (MIB / EAP-IG graph ``.json`` / ``.pt``, or edgepatch's ``.safetensors``), named ``file-<stem>``; with
+``compare`` it puts another tool's circuits on the same axes, e.g. ``--methods eap-ig,file:theirs.pt``. Interrupt with Ctrl-C and run the same command again to
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
 their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, learned
@@ -75,10 +77,13 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="score edges with one method and sweep circuit sizes")
     common(s)
-    s.add_argument("--method", default="eap-ig", help=f"one of {', '.join(METHODS)}")
+    s.add_argument("--method", default="eap-ig",
+                   help=f"one of {', '.join(METHODS)}; or file:PATH to sweep scores from a file (MIB / EAP-IG graph "
+                        f".json or .pt, or edgepatch's .safetensors)")
     c = sub.add_parser("compare", help="run several methods and overlay their faithfulness curves")
     common(c)
-    c.add_argument("--methods", default="eap,eap-ig", help="comma-separated methods")
+    c.add_argument("--methods", default="eap,eap-ig",
+                   help="comma-separated methods; file:PATH adds scores from a file (e.g. eap-ig,file:theirs.pt)")
     i = sub.add_parser("info", help="load a model and print its graph")
     i.add_argument("--model", default="smollm2-135m")
     i.add_argument("--model-class", default="auto", choices=["auto", "hooked", "bridge"])
@@ -93,6 +98,74 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> str:
     if key not in choices:
         raise CliError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}.{suggest(key, choices)}")
     return key
+
+
+FILE = "file:"  # --method file:PATH: scores from a file instead of a method
+_FILE_SUFFIXES = (".pt", ".json", ".safetensors")
+
+
+def _method(value: str) -> str:
+    """A ``--method(s)`` entry: a method name, or ``file:PATH`` (checked here, before the model loads)."""
+    if not value.startswith(FILE):
+        return _check_choice("method", value, METHODS)
+    path = Path(value[len(FILE):]).expanduser()
+    if not value[len(FILE):]:
+        raise CliError("--method file:PATH needs a path, e.g. file:runs/eap-ig/graph.pt.")
+    if path.suffix.lower() not in _FILE_SUFFIXES:
+        raise CliError(f"--method {value}: expected a MIB / EAP-IG graph file (.json or .pt) or edgepatch scores "
+                       f"(.safetensors); got a {path.suffix or 'suffix-less'} file.")
+    if not path.is_file():
+        raise CliError(f"--method {value}: no such file.")
+    return f"{FILE}{path}"
+
+
+def _label(method: str) -> str:
+    """The name a method's files, table row and curve get: ``file-<stem>`` for ``file:PATH``."""
+    if not method.startswith(FILE):
+        return method
+    stem = Path(method[len(FILE):]).name
+    for suffix in _FILE_SUFFIXES:
+        stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+    return "file-" + ("".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or "scores")
+
+
+def _file_scores(method: str, graph: Any) -> Any:
+    """The scores of ``file:PATH``: MIB / EAP-IG graph JSON or tensors, or scores edgepatch saved."""
+    from edgepatch import io as epio
+    from edgepatch.errors import EdgepatchError
+    from edgepatch.scores import EdgeScores
+
+    path = Path(method[len(FILE):])
+    try:
+        if path.suffix.lower() == ".pt":
+            scores = epio.from_mib_pt(path, graph)
+        elif path.suffix.lower() == ".json" and not path.with_suffix(".safetensors").exists():
+            scores = epio.from_mib_json(path, graph)
+        else:  # edgepatch's own scores (.safetensors, or the .json beside it)
+            scores = epio.load_scores(path, graph=graph)
+    except EdgepatchError as err:
+        raise CliError(f"--method {method}: {err}") from None
+    if scores.per_position:
+        raise CliError(f"--method {method}: the file holds per-position scores, which the command sweeps only from "
+                       f"its own methods (--positions); sweep them in Python with ep.sweep(..., positions=...).")
+    def constant(v: Any) -> bool:
+        v = v[~v.isnan()]
+        return v.numel() == 0 or bool((v == v[0]).all())
+
+    mask = scores.circuit_mask
+    kept = graph.to_edges(mask) if mask is not None else None
+    # no ranking: one value everywhere, or one inside the circuit and one outside (a circuit saved as 1 / 0)
+    if constant(scores.flat) or (kept is not None and constant(scores.flat[kept]) and constant(scores.flat[~kept])):
+        if mask is not None:
+            n = int(mask.sum())
+            raise CliError(
+                f"--method {method}: the file holds a circuit of {n} edges but no scores to rank edges by, so there "
+                f"is no curve to sweep. Evaluate the circuit itself in Python: ep.sweep(model, graph, "
+                f"ep.EdgeScores(scores.circuit_mask.float(), graph), data, counts=[{n}])."
+            )
+        raise CliError(f"--method {method}: every edge has the same score (or none), so edges cannot be ranked.")
+    return EdgeScores(scores.scores, graph, method=_label(method), metric=scores.metric, info=scores.info,
+                      circuit_mask=scores.circuit_mask)
 
 
 def _counts(arg: str) -> Any:
@@ -283,7 +356,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     methods = [args.method] if args.command == "sweep" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = [_check_choice("method", m, METHODS) for m in methods]
+    methods = [_method(m) for m in methods]
+    labels = [_label(m) for m in methods]
+    if len(set(labels)) < len(labels):
+        twice = next(x for x in labels if labels.count(x) > 1)
+        raise CliError(f"--methods names {twice!r} twice (files are told apart by their names); rename a file or "
+                       f"drop the repeat.")
     args.task = _check_choice("task", args.task, TASKS)
     counts = _counts(args.counts)
     if args.positions is not None:
@@ -327,12 +405,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     stage = ""  # what runs now, for the message after an interruption
     try:
-        for method in methods:
-            scores_path = out / f"scores_{method}{tag}"
+        for method, label in zip(methods, labels):
+            scores_path = out / f"scores_{label}{tag}"
             t = time.perf_counter()
-            scores = None
-            settings = _score_settings(args, method, model, graph, data)
-            if args.resume and (scores_path.with_suffix(".safetensors")).exists():
+            scores = _file_scores(method, graph) if method.startswith(FILE) else None
+            settings = None if scores is not None else _score_settings(args, method, model, graph, data)
+            if scores is None and args.resume and (scores_path.with_suffix(".safetensors")).exists():
                 scores = _resumed_scores(scores_path, graph, settings,
                                          [p for p in (out / f"{method}{tag}", out / f"sweep_{method}{tag}") if p.exists()])
                 if scores is not None:
@@ -351,20 +429,20 @@ def run(args: argparse.Namespace) -> int:
                 scores = ep.attribute(model, graph, data, metric=args.metric, method=method, **opts)
                 scores.info["settings"] = settings  # what a resumed run checks before it reuses the file
                 epio.save_scores(scores, scores_path)
-            if not scores.per_position:  # MIB's submission format (EAP-IG's Graph.from_pt reads it)
+            if not scores.per_position and label == method:  # MIB's submission format (Graph.from_pt reads it)
                 epio.to_mib_pt(scores, out / f"mib_{method}.pt")
-            record["timings"][f"{method}_scores_s"] = time.perf_counter() - t
+            record["timings"][f"{label}_scores_s"] = time.perf_counter() - t
             stage = ""
             t = time.perf_counter()
             result = run_sweep(model, graph, scores, data, counts=counts, metric=args.metric,
                                ablation=args.ablation, direction=args.direction,
                                random_baseline=args.random_baseline, seed=args.seed,
-                               batch_size=args.batch_size, out=out / f"sweep_{method}{tag}" if args.resume else None,
+                               batch_size=args.batch_size, out=out / f"sweep_{label}{tag}" if args.resume else None,
                                progress=args.progress, prune=args.prune, positions=args.positions)
-            record["timings"][f"{method}_sweep_s"] = time.perf_counter() - t
-            results[method] = result
+            record["timings"][f"{label}_sweep_s"] = time.perf_counter() - t
+            results[label] = result
             faith = [float(v) for v in result.normalized]
-            rows.append({"method": method, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
+            rows.append({"method": label, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
                          "faithfulness": faith, "cpr": _maybe(result.cpr), "cmd": _maybe(result.cmd),
                          "auc_log": _maybe(lambda: result.auc(log_x=True))})
             if args.prune:
@@ -375,9 +453,9 @@ def run(args: argparse.Namespace) -> int:
             rows[-1]["smallest_80pct"] = min(reach) if reach else None
             if reach and not scores.per_position:  # (the circuit plot draws edges, not (slot, edge) pairs)
                 fig = plots.plot_circuit(scores, k=min(reach))
-                plots.save_figure(fig, out / f"circuit_{method}.html")
+                plots.save_figure(fig, out / f"circuit_{label}.html")
                 if _png_ok():
-                    plots.save_figure(fig, out / f"circuit_{method}.png")
+                    plots.save_figure(fig, out / f"circuit_{label}.png")
     except KeyboardInterrupt:
         record["status"] = "interrupted"
         record["timings"]["total_s"] = time.perf_counter() - t_start

@@ -43,6 +43,37 @@ def test_compare_overlays_methods(tmp_path):
     assert "EAP" in html and "RANDOM" in html
 
 
+def test_scores_from_files_sweep_like_the_method_that_made_them(tmp_path, capsys):
+    """``file:PATH`` sweeps another tool's scores: MIB / EAP-IG tensors and JSON, and edgepatch's own files. The
+    same scores written in each format give the curve of the method that computed them."""
+    import edgepatch as ep
+
+    out = tmp_path / "run"
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--out", str(out)]) == 0
+    ep.io.to_mib_json(ep.io.load_scores(out / "scores_eap"), tmp_path / "theirs.json")
+    files = [f"file:{out / 'mib_eap.pt'}", f"file:{tmp_path / 'theirs.json'}", f"file:{out / 'scores_eap.safetensors'}"]
+    cmp = tmp_path / "cmp"
+    assert cli.main(["compare", *FAST, "--methods", ",".join(["eap", *files]), "--out", str(cmp)]) == 0
+    rows = json.loads((cmp / "run.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["eap", "file-mib_eap", "file-theirs", "file-scores_eap"]
+    for r in rows[1:]:
+        assert r["faithfulness"] == rows[0]["faithfulness"] and r["clean"] == rows[0]["clean"]
+    names = {p.name for p in cmp.iterdir()}
+    assert {"sweep_file-mib_eap", "sweep_file-theirs"} <= names
+    assert not any(n.startswith(("mib_file", "scores_file")) for n in names)  # nothing re-exported
+    assert "file-theirs" in capsys.readouterr().out
+    # a circuit without a ranking cannot be swept: the message says how to evaluate it instead
+    graph = ep.io.load_scores(out / "scores_eap").graph
+    ep.io.to_mib_pt(graph.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits"]), tmp_path / "circ.pt", graph=graph)
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'circ.pt'}", "--out", str(tmp_path / "c")]) == 2
+    assert "holds a circuit of 2 edges but no scores to rank" in capsys.readouterr().err
+    # a file made for another model
+    other = tmp_path / "other.pt"
+    ep.io.to_mib_pt(ep.random_scores(ep.build_graph(ep.random_model("tiny-gqa"))), other)
+    assert cli.main(["sweep", *FAST, "--method", f"file:{other}", "--out", str(tmp_path / "o")]) == 2
+    assert "describes a model with n_heads=6" in capsys.readouterr().err
+
+
 def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "resume"
     import sys
@@ -194,6 +225,8 @@ def test_random_models_run_the_tasks_their_vocabulary_allows(tmp_path, model_cla
     (["sweep", "--task", "iio"], "unknown task 'iio'.* Did you mean 'ioi'"),
     (["sweep", "--n-prompts", "0"], "--n-prompts and --batch-size must be >= 1"),
     (["sweep", "--metric", "logit_dif"], "Did you mean 'logit_diff'"),
+    (["sweep", "--method", "file:"], "file:PATH needs a path"),
+    (["sweep", "--method", "file:nowhere/graph.pt"], "--method file:nowhere/graph.pt: no such file"),
 ])
 def test_bad_options(argv, message, capsys, tmp_path):
     code = cli.main([*argv, "--model", "random:tiny", "--out", str(tmp_path / "x"), "--no-progress"])
@@ -201,6 +234,26 @@ def test_bad_options(argv, message, capsys, tmp_path):
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_file_methods(tmp_path, capsys):
+    import re
+
+    for name in ("notes.md", "a/graph.pt", "b/graph.pt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for argv, message in (
+        (["sweep", "--method", f"file:{tmp_path / 'notes.md'}"], r"expected a MIB / EAP-IG graph file \(.json or .pt\) "
+                                                                  r"or edgepatch scores \(.safetensors\); got a .md file"),
+        (["compare", "--methods", f"file:{tmp_path / 'a/graph.pt'},file:{tmp_path / 'b/graph.pt'}"],
+         "names 'file-graph' twice"),
+        (["sweep", "--method", f"file:{tmp_path / 'a/graph.pt'}", "--positions", "absolute"],
+         r"--positions scores .* which file:.*graph\.pt cannot"),
+        (["sweep", "--method", f"file:{tmp_path / 'a/graph.pt'}", "--task", "induction"],
+         r"graph\.pt' is not a torch.save archive"),
+    ):
+        assert cli.main([*argv, "--model", "random:tiny", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+        assert re.search(message, capsys.readouterr().err), argv
 
 
 @pytest.mark.slow
