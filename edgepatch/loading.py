@@ -88,6 +88,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from edgepatch.progress import atomic_write_text
 from edgepatch.tokenizers import cache_dir, gpt2_tokenizer
 
 __all__ = [
@@ -358,9 +359,7 @@ def _dist_version(name: str) -> str | None:
 
 def _write_text_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------------------

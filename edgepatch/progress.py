@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,10 +70,16 @@ def model_checksum(model: Any) -> str:
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` a temporary file beside ``path``, then move it into place: an interruption leaves the
-    old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    old file or the new one, never half of one. The temporary name is unique to the call, so processes that
+    write the same file at once (two notebooks, a shared cache) never write into each other's; it is removed
+    if ``write`` fails."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:

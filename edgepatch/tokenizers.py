@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+from edgepatch.progress import atomic_write
+
 
 def cache_dir() -> Path:
     """Where edgepatch keeps converted files: ``$EDGEPATCH_CACHE`` or ``~/.cache/edgepatch``."""
@@ -49,8 +51,6 @@ def gpt2_tokenizer():
     for src, name in ((vocab, "vocab.json"), (merges, "merges.txt")):
         dst = folder / name
         if not dst.exists() or dst.stat().st_size != src.stat().st_size:
-            tmp = dst.with_suffix(".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
     tok = GPT2TokenizerFast.from_pretrained(str(folder))
     return tok

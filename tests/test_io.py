@@ -295,7 +295,7 @@ def test_mib_pt_is_eap_ig_dense_layout_of_the_json_export(tmp_path, preset, spli
     for j, n in enumerate(pt["dst_nodes"]):
         assert eap_ig_index(f"input->{n}", spec.n_layers, spec.n_heads)[1] == j
     assert torch.equal(returned["edges_scores"], pt["edges_scores"])
-    assert not list((tmp_path / "sub").glob("*.tmp"))
+    assert [f.name for f in (tmp_path / "sub").iterdir()] == ["g.pt"]  # no temporary file left
 
 
 def test_mib_pt_from_a_mask_and_bad_input(tmp_path):
