@@ -68,6 +68,7 @@ import io as _io
 import json
 import math
 import os
+import pickle  # (its UnpicklingError only: nothing here unpickles with it)
 import pickletools
 import re
 import warnings
@@ -679,11 +680,26 @@ def _load_graph_pt(raw: bytes, where: str) -> Mapping[str, Any]:
         raise EdgepatchError(f"{where}: its data.pkl is not a valid pickle ({err}).") from None
     try:
         d = torch.load(_io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's restricted loader refused something
+        raise EdgepatchError(
+            f"{where} holds something other than tensors, lists and dicts ({_weights_only_reason(err)}); edgepatch "
+            f"does not load it otherwise, as that could run code from the file. {convert}"
+        ) from None
     except Exception as err:  # noqa: BLE001 - torch's message, with the file named
-        raise EdgepatchError(f"{where} could not be read as a tensor file: {err}") from None
+        raise EdgepatchError(f"{where} could not be read as a tensor file ({type(err).__name__}: {err}).") from None
     if not isinstance(d, Mapping):
         raise EdgepatchError(f"{where} holds a {type(d).__name__}, not EAP-IG's graph dict (Graph.to_pt).")
     return d
+
+
+def _weights_only_reason(err: Exception) -> str:
+    """The reason in the message of ``torch.load(weights_only=True)``'s refusal, without the advice around it
+    (which suggests ``weights_only=False``: not for a file from someone else)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
+    return lines[0] if lines else type(err).__name__
 
 
 def _import_mib(cfg: Any, nodes: Mapping[str, Any], edges: Mapping[str, Any], partial: list[str],

@@ -459,6 +459,12 @@ def test_mib_pt_never_runs_code_from_the_file(tmp_path):
     from_mib_pt(_archive(tmp_path, "repacked.pt", members), graph)  # the same members, re-zipped: loads
     with pytest.raises(EdgepatchError, match=r"contains 'archive/code/__torch__\.py'"):
         from_mib_pt(_archive(tmp_path, "ts.pt", {**members, "code/__torch__.py": "x"}), graph)
+    # what passes the scan but torch's restricted loader refuses: its reason, without its advice to load
+    # the file with weights_only=False
+    odd = _archive(tmp_path, "odd.pt", {"data.pkl": b"\x80\x02U\x01aQ.", "version": "3"})  # a str as storage id
+    with pytest.raises(EdgepatchError, match=r"other than tensors.*\(persistent_load id must be tuple or int") as err:
+        from_mib_pt(odd, graph)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:200])
     with pytest.raises(EdgepatchError, match="not a readable torch.save archive"):
         from_mib_pt(tmp_path / "trunc.pt", graph)
