@@ -228,8 +228,7 @@ def _load(args: argparse.Namespace, device: str) -> Any:
     import edgepatch as ep
 
     if args.model.startswith("random:"):
-        return ep.random_model(args.model.split(":", 1)[1], model_class="hooked" if args.model_class == "auto" else args.model_class,
-                               device=device)
+        return ep.random_model(args.model.split(":", 1)[1], model_class=args.model_class, device=device)
     return ep.load_model(args.model, device=device, model_class=args.model_class)
 
 

@@ -15,7 +15,8 @@ kinds of source and returns a TransformerLens model in eval mode (``requires_gra
    transformers' GGUF support (``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``, which
    also undoes llama.cpp's rotary permutation of the Q/K weights, and ``AutoTokenizer`` for the
    tokenizer; both need the ``gguf`` package) and caches the result as safetensors + JSON (never pickle)
-   in ``cache_dir()/smollm2-<first 16 hex digits of the GGUF's sha256>/``. The folder is built under a
+   in ``cache_dir()/smollm2-<first 16 hex digits of the GGUF's sha256>-transformers<major version>/`` (a
+   tokenizer saved by transformers 5 does not load in 4, and environments may share the cache). The folder is built under a
    temporary name and renamed into place, so an interrupted conversion never leaves a half-written
    cache. The GGUF's sha256 is itself cached (keyed by path, size and mtime) in
    ``cache_dir()/gguf-sha256.json``, so later loads do not read the GGUF at all and take seconds.
@@ -58,9 +59,9 @@ Model classes (``model_class``):
   the local config and the in-memory HF model) and loaded without weight processing, exactly like
   ``HookedTransformer.from_pretrained_no_processing``; the logits match the HF model's. Architectures
   TransformerLens cannot convert raise ``ModelLoadError`` telling you to use ``model_class="bridge"``.
-- ``"auto"``: ``"bridge"`` for SmolLM2, local folders and repo ids unknown to TransformerLens; for
-  TransformerLens names, ``"bridge"`` when TransformerLens >= 4 or ``HookedTransformer`` cannot be
-  imported, else ``"hooked"``.
+- ``"auto"``: ``"bridge"`` for SmolLM2, local folders and repo ids unknown to TransformerLens (for the
+  first two ``"hooked"`` under TransformerLens 2.x, which has no bridge); for TransformerLens names,
+  ``"bridge"`` when TransformerLens >= 4 or ``HookedTransformer`` cannot be imported, else ``"hooked"``.
 
 Unknown names raise ``UnknownModelError`` (both a ``ModelLoadError`` and a ``ValueError``) listing close
 matches.
@@ -203,10 +204,12 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_cache_folder() -> Path:
-    """The folder holding SmolLM2 converted to float32 safetensors (converting it first if needed)."""
+    """The folder holding SmolLM2 converted to float32 safetensors (converting it first if needed), one per
+    major version of transformers: a tokenizer saved by transformers 5 names a class transformers 4 does
+    not have, and environments with either may share one cache."""
     gguf = smollm2_gguf_path()
     digest = _gguf_sha256(gguf)
-    folder = cache_dir() / f"smollm2-{digest[:16]}"
+    folder = cache_dir() / f"smollm2-{digest[:16]}-transformers{_transformers_major()}"
     if not _cache_complete(folder):
         _build_cache_atomically(gguf, folder, digest)
     return folder
@@ -225,9 +228,17 @@ def _load_smollm2(*, device, dtype, model_class: ModelClassArg) -> torch.nn.Modu
     folder = smollm2_cache_folder()
     hf_model, tokenizer = _hf_from_folder(folder, dtype=dtype)
     hf_model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    if model_class in ("auto", "bridge"):
+    if _bridge_for_local(model_class):
         return _bridge_from_hf(SMOLLM2_NAME, hf_model, tokenizer, device=device, dtype=dtype)
     return _hooked_from_hf(SMOLLM2_NAME, hf_model, tokenizer, device=device, dtype=dtype)
+
+
+def _bridge_for_local(model_class: ModelClassArg) -> bool:
+    """Whether a model converted here (SmolLM2, a local folder) becomes a TransformerBridge: asked for,
+    or ``"auto"`` where the installed TransformerLens has the bridge (not 2.x)."""
+    from edgepatch.models import model_classes
+
+    return model_class == "bridge" or (model_class == "auto" and "bridge" in model_classes())
 
 
 def _gguf_sha256(path: Path) -> str:
@@ -257,6 +268,12 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _transformers_major() -> str:
+    import transformers
+
+    return transformers.__version__.split(".")[0]
 
 
 def _cache_complete(folder: Path) -> bool:
@@ -379,7 +396,7 @@ def _load_local_folder(folder: Path, *, device, dtype, model_class: ModelClassAr
         )
     hf_model, tokenizer = _hf_from_folder(folder, dtype=dtype)
     name = str(folder)
-    if model_class in ("auto", "bridge"):
+    if _bridge_for_local(model_class):
         return _bridge_from_hf(name, hf_model, tokenizer, device=device, dtype=dtype)
     return _hooked_from_hf(name, hf_model, tokenizer, device=device, dtype=dtype)
 

@@ -11,6 +11,8 @@ in either TransformerLens model class:
   ``HookedTransformerConfig``.
 - ``"bridge"``: ``transformer_lens.model_bridge.TransformerBridge`` (TL 3.x / 4.x), wrapping a randomly
   initialised HuggingFace model (GPT-2, GPT-NeoX or Llama architecture).
+- ``"auto"`` (the default): ``"hooked"`` where the installed TransformerLens has it (2.x, 3.x), else
+  ``"bridge"`` (4.x). :func:`model_classes` says which the installed version has.
 
 Presets (``random_model(preset)``):
 
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 import torch
 
-ModelClass = Literal["hooked", "bridge"]
+ModelClass = Literal["auto", "hooked", "bridge"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(arch="gpt2", n_layers=12, d_model=768, n_heads=12, d_mlp=3072, d_vocab=50257, n_ctx=1024),
@@ -55,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def random_model(
     preset: str = "tiny",
-    model_class: ModelClass = "hooked",
+    model_class: ModelClass = "auto",
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -80,18 +82,63 @@ def random_model(
     spec.setdefault("attn_only", False)
     spec.setdefault("n_kv_heads", None)
     spec["preset"] = preset
-    if model_class == "hooked":
-        model = _hooked(spec, seed)
-    elif model_class == "bridge":
-        model = _bridge(spec, seed)
-    else:
-        raise ValueError(f"model_class must be 'hooked' or 'bridge', got {model_class!r}.")
+    if model_class not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"model_class must be 'auto', 'hooked' or 'bridge', got {model_class!r}.")
+    have = model_classes()
+    if model_class == "auto":
+        if not have:
+            raise ImportError(f"{_tl_version()} has neither HookedTransformer nor TransformerBridge; install "
+                              f"transformer-lens>=2 (3.9 has both).")
+        model_class = "hooked" if "hooked" in have or spec["attn_only"] else "bridge"
+    if spec["attn_only"] and model_class == "hooked" and "hooked" not in have:
+        raise ImportError(f"the attention-only preset {preset!r} needs HookedTransformer, which {_tl_version()} "
+                          f"does not have (TransformerLens 4 removed it); install transformer-lens 3.9.")
+    if model_class not in have:
+        other = "bridge" if model_class == "hooked" else "hooked"
+        what = ("HookedTransformer (TransformerLens 4 removed it)" if model_class == "hooked"
+                else "TransformerBridge (transformer_lens.model_bridge, TransformerLens >= 3)")
+        hint = f"use model_class={other!r} (or 'auto')" if other in have else "install transformer-lens 3.9, which has both"
+        raise ImportError(f"random_model(model_class={model_class!r}) needs {what}, which {_tl_version()} does not "
+                          f"have; {hint}.")
+    model = _hooked(spec, seed) if model_class == "hooked" else _bridge(spec, seed)
     param = next(model.parameters())
     if param.device != torch.device(device):
         model.to(device)
     if param.dtype != dtype:
         model.to(dtype)
     return model.eval()
+
+
+def model_classes() -> tuple[str, ...]:
+    """The TransformerLens model classes the installed version has: ``("hooked", "bridge")`` for 3.x,
+    ``("hooked",)`` for 2.x, ``("bridge",)`` for 4.x.
+
+    >>> set(model_classes()) <= {"hooked", "bridge"}
+    True
+    """
+    have = []
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+
+        have.append("hooked")
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+
+        have.append("bridge")
+    except ImportError:
+        pass
+    return tuple(have)
+
+
+def _tl_version() -> str:
+    from importlib import metadata
+
+    try:
+        return f"TransformerLens {metadata.version('transformer-lens')}"
+    except metadata.PackageNotFoundError:
+        return "the installed TransformerLens"
 
 
 def _hooked(spec: dict[str, Any], seed: int) -> torch.nn.Module:

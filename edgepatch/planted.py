@@ -289,6 +289,14 @@ def planted_model(
     >>> int(true_edges.sum()) > 0, metric
     (True, 'logit_diff')
     """
+    from edgepatch.models import _tl_version, model_classes
+
+    if "hooked" not in model_classes():
+        raise EdgepatchError(
+            f"planted_model builds a HookedTransformer (hand-set weights, no normalization or a solu_ln MLP, which "
+            f"no Hugging Face architecture behind a TransformerBridge has), and {_tl_version()} has none "
+            f"(TransformerLens 4 removed it). Install transformer-lens 3.9, which has both model classes."
+        )
     if not 1 <= n_layers <= 8:
         raise EdgepatchError(f"n_layers must be between 1 and 8; got {n_layers}.")
     if n_heads < 1:

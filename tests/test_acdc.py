@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
+from conftest import requires
 from edgepatch.acdc import acdc, dest_owners, visiting_order
 from edgepatch.errors import EdgepatchError
 from edgepatch.metrics import KLDivergence, logit_diff
@@ -18,6 +19,7 @@ torch.set_num_threads(1)  # tiny models: threads only add contention on shared C
 
 @functools.lru_cache(maxsize=None)
 def _model(preset: str, cls: str):
+    requires(cls)
     return ep.random_model(preset, model_class=cls, seed=0)
 
 

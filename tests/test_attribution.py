@@ -11,7 +11,7 @@ from edgepatch.errors import EdgepatchError
 from edgepatch.metrics import get_metric
 from edgepatch.tasks import induction
 
-from conftest import assert_unchanged, cached_model, model_snapshot, spread_norms
+from conftest import assert_unchanged, cached_model, model_snapshot, requires, spread_norms
 
 
 def data_for(model, n=6, seq_len=4, seed=0):
@@ -73,6 +73,7 @@ def test_ig_with_one_step_equals_eap(model_class):
 def test_ig_converges_and_is_exact_where_metric_is_linear():
     # No final LayerNorm: the logit difference is linear in the final residual, so for edges into
     # `logits` every method must give the exact patching effect.
+    requires("hooked")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=101, n_ctx=32,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
+from conftest import requires
 from edgepatch.baselines import activation_magnitude, random_scores
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
@@ -18,6 +19,7 @@ torch.set_num_threads(1)
 
 @functools.lru_cache(maxsize=None)
 def _model(preset: str, cls: str):
+    requires(cls)
     return ep.random_model(preset, model_class=cls, seed=0)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import edgepatch as ep
+from conftest import requires
 from edgepatch.attribution import eap
 
 from test_attribution import autograd_reference, data_for
@@ -24,6 +25,7 @@ CASES = [("tiny", "hooked"), ("tiny", "bridge"), ("tiny-gqa", "bridge"), ("tiny-
 
 def _pair(preset, model_class, dtype):
     """The same random model in float32 and in ``dtype``."""
+    requires(model_class)
     return (ep.random_model(preset, model_class=model_class, seed=0),
             ep.random_model(preset, model_class=model_class, seed=0, dtype=dtype))
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
+from conftest import requires
 from edgepatch.errors import EdgepatchError
 from edgepatch.learned import learn_masks
 from edgepatch.metrics import KLDivergence, logit_diff, normalized_faithfulness
@@ -21,6 +22,7 @@ EPOCHS = 120
 
 @functools.lru_cache(maxsize=None)
 def _model(preset: str, cls: str):
+    requires(cls)
     return ep.random_model(preset, model_class=cls, seed=0)
 
 

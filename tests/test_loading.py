@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import edgepatch.loading as loading
+from conftest import HAVE, requires
 from edgepatch.loading import ModelLoadError, UnknownModelError, load_model, smollm2_gguf_path
 
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -105,6 +106,7 @@ def test_smollm2_missing_package_names_the_install_command(monkeypatch):
 
 @needs_smollm2
 def test_smollm2_bridge_is_the_real_model(smollm2_bridge):
+    requires("bridge")  # (under TransformerLens 2.x the fixture's "auto" load is a HookedTransformer)
     from transformer_lens.model_bridge import TransformerBridge
 
     model = smollm2_bridge
@@ -131,7 +133,9 @@ def test_smollm2_second_load_uses_the_cache(smollm2_bridge, smollm2_cache_root, 
     assert len(folders) == 1
     folder = folders[0]
     digest = loading._sha256_file(smollm2_gguf_path())
-    assert folder.name == f"smollm2-{digest[:16]}"
+    import transformers
+
+    assert folder.name == f"smollm2-{digest[:16]}-transformers{transformers.__version__.split('.')[0]}"
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", loading._CACHE_MARKER} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
@@ -149,16 +153,15 @@ def test_smollm2_second_load_uses_the_cache(smollm2_bridge, smollm2_cache_root, 
     monkeypatch.setenv("EDGEPATCH_CACHE", str(smollm2_cache_root))
     monkeypatch.setattr(loading, "_convert_gguf", fail)
     monkeypatch.setattr(loading, "_sha256_file", fail)
-    hooked = load_model("SmolLM2-135M-Instruct", model_class="hooked")
-
-    from transformer_lens import HookedTransformer
-
-    assert isinstance(hooked, HookedTransformer) and not hooked.training
-    assert (hooked.cfg.n_heads, hooked.cfg.n_key_value_heads, hooked.cfg.n_layers) == (9, 3, 30)
+    cls = "hooked" if "hooked" in HAVE else "bridge"  # (TransformerLens 4 has no HookedTransformer)
+    again = load_model("SmolLM2-135M-Instruct", model_class=cls)
+    expected = "HookedTransformer" if cls == "hooked" else "TransformerBridge"
+    assert type(again).__name__ == expected and not again.training
+    assert (again.cfg.n_heads, again.cfg.n_key_value_heads, again.cfg.n_layers) == (9, 3, 30)
     # The HookedTransformer (no weight processing) computes the same function as the bridge.
     tokens = smollm2_bridge.to_tokens(IOI_PROMPT)
     with torch.no_grad():
-        torch.testing.assert_close(hooked(tokens), smollm2_bridge(tokens), atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(again(tokens), smollm2_bridge(tokens), atol=1e-3, rtol=1e-4)
 
 
 @needs_smollm2
@@ -224,7 +227,7 @@ def test_hf_hub_offline_env_is_honoured(monkeypatch, empty_hf_cache):
 
     monkeypatch.setattr(loading, "_probe_hub", no_probe)
     with pytest.raises(ModelLoadError, match=HUB_MESSAGE) as info:
-        load_model("gpt2", model_class="hooked")
+        load_model("gpt2", model_class=HAVE[0])
     assert "HF_HUB_OFFLINE is set" in str(info.value)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
@@ -267,8 +270,12 @@ def tiny_gpt2_folder(tmp_path):
 @pytest.mark.parametrize("model_class", ["auto", "bridge", "hooked"])
 def test_local_folder(tiny_gpt2_folder, model_class, empty_hf_cache):
     folder, hf_model = tiny_gpt2_folder
+    if model_class != "auto":
+        requires(model_class)
     model = load_model(str(folder), model_class=model_class, device="cpu")
-    expected = "HookedTransformer" if model_class == "hooked" else "TransformerBridge"
+    # "auto": the bridge, except under TransformerLens 2.x, which has none
+    bridge = model_class == "bridge" or (model_class == "auto" and "bridge" in HAVE)
+    expected = "TransformerBridge" if bridge else "HookedTransformer"
     assert type(model).__name__ == expected
     assert not model.training
     assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model) == (2, 4, 32)
@@ -282,6 +289,7 @@ def test_local_folder(tiny_gpt2_folder, model_class, empty_hf_cache):
 def test_local_folder_with_tokenizer_and_pathlike(tiny_gpt2_folder):
     from edgepatch.tokenizers import gpt2_tokenizer
 
+    requires("bridge")
     folder, _ = tiny_gpt2_folder
     gpt2_tokenizer().save_pretrained(folder)
     model = load_model(folder, model_class="bridge")

@@ -249,7 +249,7 @@ def test_metrics_on_a_real_model_forward():
     from edgepatch.models import random_model
     from edgepatch.tasks import induction
 
-    model = random_model("tiny", model_class="hooked", seed=0)
+    model = random_model("tiny", seed=0)
     data = induction(model.cfg.d_vocab, n=4, seq_len=5, seed=0).validate(model)
     with torch.no_grad():
         clean = model(data.clean)

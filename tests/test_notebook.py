@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "quickstart.ipynb"
 
 
@@ -23,6 +25,7 @@ def _execute(model: str, monkeypatch) -> None:
 
 
 def test_quickstart_notebook_runs(monkeypatch):
+    requires("bridge")  # (the notebook's random model is a TransformerBridge, like SmolLM2)
     _execute("random:tiny", monkeypatch)
 
 

@@ -12,7 +12,7 @@ from edgepatch import patching
 from edgepatch.errors import EdgepatchError
 from edgepatch.masks import mask_fn, train_masks
 
-from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot, spread_norms
+from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot, requires, spread_norms
 
 ATOL = 1e-4
 
@@ -565,6 +565,7 @@ def test_nested_patches_with_different_split_modes(monkeypatch):
 
 
 def test_flags_restored_when_user_set_them(monkeypatch):
+    requires("hooked")
     model = ep.random_model("tiny", model_class="hooked", seed=2)
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(False)
@@ -1009,6 +1010,7 @@ def _norm_variant(case):
     HookedTransformer whose normalizations have no parameters (as from_pretrained's fold_ln gives)."""
     preset, kind = case
     if kind in ("LNPre", "RMSPre"):
+        requires("hooked")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,
@@ -1307,6 +1309,7 @@ def _bridge_of(name: str, hf_model):
     GPT-2's offline tokenizer, the bridge's set-up warnings silenced."""
     import warnings
 
+    requires("bridge")
     from transformer_lens.model_bridge import TransformerBridge
 
     from edgepatch.tokenizers import gpt2_tokenizer
@@ -1320,6 +1323,7 @@ def _gemma2(model_class: str):
     """A tiny Gemma-2-shaped model (normalizations before and after attention and MLP), random weights with
     random normalization scales."""
     if model_class == "hooked":
+        requires("hooked")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,
@@ -1344,6 +1348,7 @@ def _mixture_of_experts(model_class: str):
     import warnings
 
     if model_class == "hooked":
+        requires("hooked")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16,

@@ -14,6 +14,11 @@ from edgepatch.evaluation import circuit_recovery, roc
 from edgepatch.patching import source_activations
 from edgepatch.planted import Planted, PlantingCheck, planted_model, verify_planting
 
+from conftest import HAVE, requires
+
+# planted models are HookedTransformers (TransformerLens 2.x / 3.x); the error elsewhere is tested below
+pytestmark = pytest.mark.skipif("hooked" not in HAVE, reason="planted models need HookedTransformer")
+
 OFF_TOL = 1e-6  # |effect| of an edge outside the circuit (float32 batched-matmul rounding is ~1e-7)
 ON_MARGIN = 1e-3  # |effect| of a planted edge
 
@@ -30,6 +35,7 @@ def one_thread():
 @functools.lru_cache(maxsize=None)
 def planted(**kw) -> Planted:
     """Shared planted models (read-only in these tests; every method restores the model)."""
+    requires("hooked")  # (planted models are HookedTransformers)
     return planted_model(**kw)
 
 
@@ -170,7 +176,11 @@ def test_layer_norm_gradients_see_the_coupling():
     assert max(abs(v) for n, v in scores.items() if n not in truth) > 1e-2
 
 
-def test_errors():
+def test_errors(monkeypatch):
+    with monkeypatch.context() as m:  # as under TransformerLens 4, which has no HookedTransformer
+        m.setattr("edgepatch.models.model_classes", lambda: ("bridge",))
+        with pytest.raises(EdgepatchError, match=r"planted_model builds a HookedTransformer .* has none \(TransformerLens 4 removed it\)"):
+            planted_model()
     with pytest.raises(EdgepatchError, match="needs d_head >= 3"):
         planted_model(layer_norm=True, d_head=2)
     with pytest.raises(EdgepatchError, match="density must be in"):

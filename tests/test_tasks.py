@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import HAVE
 from edgepatch import tasks
 from edgepatch.data import PromptPairs
 from edgepatch.metrics import logit_diff, prob_diff_years
@@ -157,12 +158,12 @@ def test_induction_bos_and_errors(tok):
 def test_induction_runs_on_a_small_vocab_model():
     from edgepatch.models import random_model
 
-    model = random_model("tiny", model_class="hooked", seed=0)
+    model = random_model("tiny", seed=0)
     d = tasks.induction(model.cfg.d_vocab, n=4, seq_len=6, seed=0).validate(model)
     with torch.no_grad():
         out = logit_diff(model(d.clean), d)
     assert out.shape == (4,) and torch.isfinite(out).all()
-    for cls in ("hooked", "bridge"):  # the model itself: it has no tokenizer, so its vocabulary size
+    for cls in HAVE:  # the model itself: it has no tokenizer, so its vocabulary size
         m = random_model("tiny", model_class=cls, seed=0)
         assert torch.equal(tasks.induction(m, n=4, seq_len=6, seed=0).clean, d.clean)
 

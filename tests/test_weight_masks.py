@@ -23,7 +23,7 @@ from edgepatch.weight_masks import (
     weight_masks,
 )
 
-from conftest import assert_unchanged, model_snapshot
+from conftest import assert_unchanged, model_snapshot, requires
 
 TOKENS = torch.tensor([[3, 14, 15, 92, 65, 35], [89, 79, 32, 38, 46, 26]])
 
@@ -173,7 +173,8 @@ def test_masks_land_on_the_weights_the_forward_uses(model_class):
 
 
 def test_bridge_and_hooked_share_names_and_shapes():
-    hooked, bridge = random_model("tiny"), random_model("tiny", model_class="bridge")
+    requires("hooked"), requires("bridge")
+    hooked, bridge = random_model("tiny", model_class="hooked"), random_model("tiny", model_class="bridge")
     names = ["blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.1.mlp.W_in", "blocks.1.mlp.W_out", "blocks.0.attn.b_K"]
     for name in names:
         assert maskable_parameters(hooked)[name] == maskable_parameters(bridge)[name]
@@ -184,7 +185,8 @@ def test_bridge_and_hooked_share_names_and_shapes():
 
 
 def test_grouped_query_hooked_masks_key_value_heads():
-    model = random_model("tiny-gqa")
+    requires("hooked")
+    model = random_model("tiny-gqa", model_class="hooked")
     with weight_masks(model, "blocks.0.attn.W_[KV]", granularity="head") as masks:
         assert masks.unit_shapes == {"blocks.0.attn.W_K": (2, 1, 1), "blocks.0.attn.W_V": (2, 1, 1)}
         masks.eval()
@@ -312,7 +314,8 @@ def test_plain_l1_penalty_shrinks_the_subnetwork():
 
 
 def test_continuous_sparsification_becomes_binary():
-    model = random_model("tiny")
+    requires("hooked")  # (the thresholds below are this model's)
+    model = random_model("tiny", model_class="hooked")
     res = train_weight_masks(model, data_for_training(), "blocks.*.mlp.W_in", mask_fn="continuous", init=0.6,
                              penalty_weight=0.5, epochs=40, final_temperature=200.0, progress=False)
     temps, undecided = res.history["temperature"], res.history["undecided"]
@@ -384,6 +387,7 @@ def test_bad_granularity_and_head_on_non_head_parameter():
 
 
 def test_bridge_refusals_are_explained():
+    requires("bridge")
     gpt2 = random_model("tiny", model_class="bridge")
     with pytest.raises(EdgepatchError, match=r"Cannot mask 'embed.W_E' of this TransformerBridge: its parameter is "
                                              r"shared by 2 modules \(tied weights"):
