@@ -232,6 +232,30 @@ def test_hf_hub_offline_env_is_honoured(monkeypatch, empty_hf_cache):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.parametrize("have", [("hooked",), ("bridge",)], ids=["tl2", "tl4"])
+def test_auto_model_class_follows_the_installed_transformer_lens(monkeypatch, have):
+    """As under TransformerLens 2.x (no bridge) and 4.x (no HookedTransformer): "auto" takes what there is,
+    the missing class is refused with what to do instead."""
+    import edgepatch.models as models
+
+    requires(have[0])
+    monkeypatch.setattr(models, "model_classes", lambda: have)
+    missing = "bridge" if have == ("hooked",) else "hooked"
+    expected = "HookedTransformer" if have == ("hooked",) else "TransformerBridge"
+    assert type(models.random_model("tiny")).__name__ == expected
+    assert loading._bridge_for_local("auto") == (have == ("bridge",))  # SmolLM2 and local folders
+    assert loading._bridge_for_local("bridge") and not loading._bridge_for_local("hooked")
+    with pytest.raises(ImportError, match=rf"random_model\(model_class='{missing}'\) needs .* which TransformerLens "
+                                          rf"\S+ does not have; use model_class='{have[0]}' \(or 'auto'\)"):
+        models.random_model("tiny", model_class=missing)
+    if have == ("bridge",):
+        with pytest.raises(ImportError, match=r"attention-only preset 'tiny-attn-only' needs HookedTransformer"):
+            models.random_model("tiny-attn-only")
+    monkeypatch.setattr(models, "model_classes", lambda: ())
+    with pytest.raises(ImportError, match="has neither HookedTransformer nor TransformerBridge"):
+        models.random_model("tiny")
+
+
 def test_auto_model_class_for_hub_names(monkeypatch):
     monkeypatch.setattr(loading, "_hooked_available", lambda: True)
     monkeypatch.setattr(loading, "_tl_major_version", lambda: 3)
