@@ -26,11 +26,16 @@ def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--model-class", default="hooked", choices=["hooked", "bridge"])
+    p.add_argument("--model-class", default=None, choices=["hooked", "bridge"],
+                   help="default: hooked where the installed TransformerLens has it (2.x, 3.x), else bridge (4.x)")
     p.add_argument("--preset", default="gpt2-small")
     if extra:
         extra(p)
     args = p.parse_args()
+    if args.model_class is None:
+        from edgepatch.models import model_classes
+
+        args.model_class = model_classes()[0]
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     return args
