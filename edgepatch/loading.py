@@ -537,11 +537,9 @@ def _tl_major_version() -> int:
 
 
 def _hooked_available() -> bool:
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from edgepatch.models import model_classes
+
+    return "hooked" in model_classes()
 
 
 def _resolve_hub_model_class(model_class: ModelClassArg, official: str | None) -> str:

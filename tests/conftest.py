@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # (before anything imports huggingface_hub)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from edgepatch.models import _tl_version, model_classes  # noqa: E402
 
 MODEL_CASES = [
     ("tiny", "hooked"),
@@ -22,24 +24,21 @@ MODEL_CASES = [
 ]
 
 
-def _installed_model_classes() -> tuple[str, ...]:
-    from edgepatch.models import model_classes
-
-    return model_classes()
-
-
 # The suite runs against whichever TransformerLens is installed: CI's 3.9 has both model classes; under 2.x
 # (no TransformerBridge) or 4.x (no HookedTransformer) the tests of the missing class are skipped, and
 # scripts/test.sh runs the rest there too (see EDGEPATCH_TL_MATRIX).
-HAVE = _installed_model_classes()
+HAVE = model_classes()
+
+
+def _lacks(model_class: str) -> str:
+    """Why a test of ``model_class`` cannot run here."""
+    return f"{_tl_version()} has no {'HookedTransformer' if model_class == 'hooked' else 'TransformerBridge'}"
 
 
 def requires(model_class: str) -> None:
     """Skip the calling test where the installed TransformerLens lacks ``model_class``."""
     if model_class not in HAVE:
-        from edgepatch.models import _tl_version
-
-        pytest.skip(f"{_tl_version()} has no {'HookedTransformer' if model_class == 'hooked' else 'TransformerBridge'}")
+        pytest.skip(_lacks(model_class))
 
 
 def _flat(values) -> list:
@@ -52,17 +51,12 @@ def _flat(values) -> list:
 def pytest_collection_modifyitems(config, items):
     """Tests parametrized by a model class this TransformerLens lacks are skipped, with the reason."""
     missing = [c for c in ("hooked", "bridge") if c not in HAVE]
-    if not missing:
-        return
-    from edgepatch.models import _tl_version
-
     for item in items:
         spec = getattr(item, "callspec", None)
         values = _flat(spec.params.values()) if spec is not None else []
         for cls in missing:
             if any(isinstance(v, str) and v == cls for v in values):
-                name = "HookedTransformer" if cls == "hooked" else "TransformerBridge"
-                item.add_marker(pytest.mark.skip(reason=f"{_tl_version()} has no {name}"))
+                item.add_marker(pytest.mark.skip(reason=_lacks(cls)))
 
 
 @functools.lru_cache(maxsize=None)

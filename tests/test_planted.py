@@ -14,7 +14,7 @@ from edgepatch.evaluation import circuit_recovery, roc
 from edgepatch.patching import source_activations
 from edgepatch.planted import Planted, PlantingCheck, planted_model, verify_planting
 
-from conftest import HAVE, requires
+from conftest import HAVE
 
 # planted models are HookedTransformers (TransformerLens 2.x / 3.x); the error elsewhere is tested below
 pytestmark = pytest.mark.skipif("hooked" not in HAVE, reason="planted models need HookedTransformer")
@@ -35,7 +35,6 @@ def one_thread():
 @functools.lru_cache(maxsize=None)
 def planted(**kw) -> Planted:
     """Shared planted models (read-only in these tests; every method restores the model)."""
-    requires("hooked")  # (planted models are HookedTransformers)
     return planted_model(**kw)
 
 

@@ -173,7 +173,8 @@ def test_masks_land_on_the_weights_the_forward_uses(model_class):
 
 
 def test_bridge_and_hooked_share_names_and_shapes():
-    requires("hooked"), requires("bridge")
+    requires("hooked")
+    requires("bridge")
     hooked, bridge = random_model("tiny", model_class="hooked"), random_model("tiny", model_class="bridge")
     names = ["blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.1.mlp.W_in", "blocks.1.mlp.W_out", "blocks.0.attn.b_K"]
     for name in names:
