@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
-from conftest import requires
+from conftest import ANY_CLASS, requires
 from edgepatch.baselines import activation_magnitude, random_scores
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
@@ -33,7 +33,7 @@ def padded_data() -> PromptPairs:
 
 
 def test_random_scores_seeded_and_valid():
-    graph = ep.build_graph(_model("tiny", "hooked"))
+    graph = ep.build_graph(_model("tiny", ANY_CLASS))
     a, b, c = random_scores(graph, seed=0), random_scores(graph, seed=0), random_scores(graph, seed=1)
     assert torch.equal(a.flat, b.flat) and not torch.equal(a.flat, c.flat)
     assert bool(a.scores[~graph.valid].isnan().all()) and not bool(a.flat.isnan().any())
@@ -98,7 +98,7 @@ def test_activation_magnitude_matches_cache_reference(cls, ablation):
 
 
 def test_activation_magnitude_padding_is_ignored_and_mean_ablation():
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     data = padded_data()
     a = activation_magnitude(model, graph, data, ablation="zero", progress=False)
@@ -117,7 +117,7 @@ def test_activation_magnitude_padding_is_ignored_and_mean_ablation():
 
 
 def test_activation_magnitude_gqa_and_errors():
-    model = _model("tiny-gqa", "hooked")
+    model = _model("tiny-gqa", ANY_CLASS)
     graph = ep.build_graph(model)
     s = activation_magnitude(model, graph, induction(101, n=3, seq_len=4), progress=False)
     assert s.scores.shape == (graph.n_src, graph.n_dest)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import edgepatch as ep
-from conftest import requires
+from conftest import class_or_other, requires
 from edgepatch.attribution import eap
 
 from test_attribution import autograd_reference, data_for
@@ -85,7 +85,7 @@ def test_attribution_in_half_precision(model_class, dtype):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_sweep_in_half_precision(dtype):
     """A sweep on a half-precision model follows the float32 model's faithfulness curve."""
-    m32, mh = _pair("tiny", "bridge", dtype)
+    m32, mh = _pair("tiny", class_or_other("bridge"), dtype)
     g32, gh = ep.build_graph(m32), ep.build_graph(mh)
     data = data_for(mh)
     scores = eap(m32, g32, data, "logit_diff", batch_size=4, progress=False)

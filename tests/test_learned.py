@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import edgepatch as ep
-from conftest import requires
+from conftest import ANY_CLASS, class_or_other, requires
 from edgepatch.errors import EdgepatchError
 from edgepatch.learned import learn_masks
 from edgepatch.metrics import KLDivergence, logit_diff, normalized_faithfulness
@@ -95,8 +95,8 @@ def test_scores_are_importances_and_the_circuit_is_their_top(cls):
 
 
 def test_hard_concrete_circuit_is_faithful():
-    result, *_ = _hard_concrete_run("hooked")
-    model, data, graph = _model("tiny", "hooked"), _data(), result.graph
+    result, *_ = _hard_concrete_run(ANY_CLASS)
+    model, data, graph = _model("tiny", ANY_CLASS), _data(), result.graph
     abl = ep.source_activations(model, graph, data.corrupt)
     with torch.no_grad():
         clean_logits = model(data.clean)
@@ -125,14 +125,16 @@ def test_model_and_global_rng_untouched(cls):
 # Other recipes
 # ------------------------------------------------------------------------------------------------------
 def test_sigmoid_l1_and_continuous_sparsification():
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     before = snapshot(model)
-    sig = learn_masks(model, graph, _data(), mask_fn="sigmoid", penalty_weight=0.05, epochs=40, progress=False)
+    # (the bridge's random model, HF's smaller initialization, moves the metric less: a weaker penalty)
+    penalty = {"hooked": 0.05, "bridge": 0.01}[ANY_CLASS]
+    sig = learn_masks(model, graph, _data(), mask_fn="sigmoid", penalty_weight=penalty, epochs=40, progress=False)
     assert sig.method == "learned_sigmoid" and sig.info["final"] == "threshold"
     assert torch.equal(sig.circuit_mask, (sig.scores > 0) & graph.valid)
     assert 0 < sig.info["n_kept"] < graph.n_edges
-    cs = learn_masks(model, graph, _data(), mask_fn="continuous", penalty_weight=0.05, epochs=30,
+    cs = learn_masks(model, graph, _data(), mask_fn="continuous", penalty_weight=penalty, epochs=30,
                      final_temperature=200, progress=False)
     temps = [h["temperature"] for h in cs.info["history"]]
     assert temps[0] == pytest.approx(1.0) and temps[-1] == pytest.approx(200.0)
@@ -147,7 +149,7 @@ def test_sigmoid_l1_and_continuous_sparsification():
 
 
 def test_seeded_and_task_metric_and_mean_ablation():
-    model = _model("tiny", "bridge")
+    model = _model("tiny", class_or_other("bridge"))
     graph = ep.build_graph(model)
     a = learn_masks(model, graph, _data(), target_sparsity=0.5, epochs=8, seed=3, progress=False)
     b = learn_masks(model, graph, _data(), target_sparsity=0.5, epochs=8, seed=3, progress=False)
@@ -164,7 +166,7 @@ def test_seeded_and_task_metric_and_mean_ablation():
 
 
 def test_errors():
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     with pytest.raises(EdgepatchError, match="target_sparsity is the fraction of edges to remove"):
         learn_masks(model, graph, _data(), target_sparsity=1.5, progress=False)
@@ -177,7 +179,7 @@ def test_errors():
 
 
 def test_model_restored_after_an_exception():
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     before = snapshot(model)
     calls = []
@@ -205,7 +207,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
     other settings are refused; the model and the global random generator are left as they were."""
     from edgepatch import progress
 
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     n_batches = -(-_data().batch // recipe.get("batch_size", 64))
     calls = []
@@ -252,7 +254,7 @@ def test_per_position_masks_follow_a_plain_reference():
     Two epochs of sigmoid masks over two batches equal a plain loop written here: sigmoid weights through
     ep.patch(positions=...), minus the mean logit difference plus the L1 density, one Adam step per batch.
     With one slot holding every token, the masks are the edge masks."""
-    model = _model("tiny", "hooked")
+    model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     data = _data()
     slots = torch.zeros_like(data.clean)

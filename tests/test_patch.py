@@ -12,7 +12,7 @@ from edgepatch import patching
 from edgepatch.errors import EdgepatchError
 from edgepatch.masks import mask_fn, train_masks
 
-from conftest import MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot, requires, spread_norms
+from conftest import ANY_CLASS, MODEL_CASES, assert_unchanged, cached_model, model_id, model_snapshot, requires, spread_norms
 
 ATOL = 1e-4
 
@@ -229,11 +229,11 @@ def test_validity_matches_reference_rule(case, split):
 
 
 def test_parallel_and_gqa_names():
-    par = ep.build_graph(cached_model("tiny-parallel", "hooked"))
+    par = ep.build_graph(cached_model("tiny-parallel", ANY_CLASS))
     assert par.valid[par.src_index("a1.h0"), par.dest_index("m1")].item() is False
-    seq = ep.build_graph(cached_model("tiny", "hooked"))
+    seq = ep.build_graph(cached_model("tiny", ANY_CLASS))
     assert seq.valid[seq.src_index("a1.h0"), seq.dest_index("m1")].item() is True
-    gqa = ep.build_graph(cached_model("tiny-gqa", "bridge"))
+    gqa = ep.build_graph(cached_model("tiny-gqa", ANY_CLASS))
     assert "a0.kv1<k>" in gqa.dest_names and "a0.h5<q>" in gqa.dest_names and "a0.h5<k>" not in gqa.dest_names
     assert gqa.n_dest == 2 * (6 + 2 + 2 + 1) + 1
 
@@ -353,7 +353,7 @@ def test_head_outputs_sum_to_attention_output(any_model):
 # Weights as names, ablations, per-position weights, circuits in the batch, gradients
 # ---------------------------------------------------------------------------------------------------
 def test_edge_names_as_weights():
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     g = ep.build_graph(model)
     keep = ["input->a0.h0<q>", "a0.h1->m1", "m1->logits"]
     clean, corrupt = tokens(model), tokens(model, seed=9)
@@ -446,7 +446,7 @@ def _reference_circuits(model, g, Ws, clean, ablation):
     return torch.cat([_reference_with_values(model, g, w, clean, full) for w in Ws])
 
 def test_per_position_weights():
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=2, pos=5), tokens(model, batch=2, pos=5, seed=3)
     abl = ep.source_activations(model, g, corrupt)
@@ -679,7 +679,7 @@ def test_errors_leave_model_unchanged(fresh_model):
             model(tokens(model, pos=7))
     with pytest.raises(EdgepatchError, match=r"edgepatch needs a TransformerLens HookedTransformer or TransformerBridge; got an object of type torch.nn.modules.linear.Linear"):
         ep.build_graph(torch.nn.Linear(2, 2))
-    other = cached_model("tiny-3l", "hooked")
+    other = cached_model("tiny-3l", ANY_CLASS)
     g_other = ep.build_graph(other)
     with pytest.raises(EdgepatchError, match=r"graph was built for random-tiny-3l \(3 layers x 3 heads, d_model 24\).*Build the graph from this model"):
         with ep.patch(model, g, torch.ones(g.n_src, g.n_dest), abl):
@@ -894,7 +894,7 @@ def test_buffers_over_the_limit_are_not_kept(monkeypatch):
     after its forward; of the smaller, those kept first (the differences) stay and one that would pass the
     total (the mixed inputs) is freed. Sizes from the graph: the differences of 4 x 7 and 2 x 5 tokens, the
     limit set between the two."""
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     g = ep.build_graph(model)
     d = model.cfg.d_model
     ep.release_buffers(model)
@@ -1277,7 +1277,7 @@ def test_folded_per_position_circuits_mix_only_their_own_heads(case, monkeypatch
 def test_folded_per_position_circuits_bad_input():
     """Per-position circuits folded into the batch: the batch must repeat the prompts of ``positions`` once
     per circuit, the ablation must be the unrepeated prompts', and the slots must be a tensor."""
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     g = ep.build_graph(model)
     clean, corrupt = tokens(model, batch=2, pos=5), tokens(model, batch=2, pos=5, seed=3)
     abl = ep.source_activations(model, g, corrupt)
@@ -1577,7 +1577,7 @@ def test_a_hook_point_the_model_never_runs_is_an_error_not_a_wrong_result(monkey
 
 def test_a_source_the_model_never_records_is_an_error(monkeypatch):
     """source_activations must not return uninitialized memory for a source whose hook point never ran."""
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     g = ep.build_graph(model)
     hooks = patching._source_hooks
     monkeypatch.setattr(patching, "_source_hooks", lambda *a, **k: [h for h in hooks(*a, **k) if "blocks.1.hook_mlp_out" not in h[0]])

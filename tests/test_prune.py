@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edgepatch as ep
-from conftest import MODEL_CASES, cached_model, model_id
+from conftest import ANY_CLASS, MODEL_CASES, cached_model, model_id
 from edgepatch.errors import EdgepatchError
 from edgepatch.scores import EdgeScores
 from edgepatch.tasks import induction
@@ -42,8 +42,8 @@ def reference_prune(graph, kept: set[str]) -> set[str]:
         edges = left
 
 
-GRAPH_CASES = [(p, "hooked", split) for p in ("tiny", "tiny-parallel", "tiny-gqa", "tiny-attn-only")
-               for split in (True, False)]
+GRAPH_CASES = [(p, "hooked" if p == "tiny-attn-only" else ANY_CLASS, split)  # (attention-only: hooked only)
+               for p in ("tiny", "tiny-parallel", "tiny-gqa", "tiny-attn-only") for split in (True, False)]
 
 
 @pytest.mark.parametrize("preset, cls, split", GRAPH_CASES)
@@ -66,7 +66,7 @@ def test_prune_matches_name_based_reference(preset, cls, split, density):
 
 
 def test_prune_small_hand_case():
-    graph = ep.build_graph(cached_model("tiny", "hooked"))
+    graph = ep.build_graph(cached_model("tiny", ANY_CLASS))
     keep = ["input->a0.h0<v>", "a0.h0->a1.h1<q>", "a1.h1->logits",  # a path from input to logits
             "a0.h1->logits",  # a0.h1 reads nothing kept
             "input->a1.h0<k>"]  # a1.h0 writes nothing kept
@@ -95,7 +95,7 @@ def test_pruning_never_changes_a_circuit_under_corrupted_run_ablation(case):
 
 
 def test_scores_circuits_pruned():
-    graph = ep.build_graph(cached_model("tiny-gqa", "hooked"))
+    graph = ep.build_graph(cached_model("tiny-gqa", ANY_CLASS))
     gen = torch.Generator().manual_seed(0)
     scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=gen), graph, method="random")
     counts = [3, 10, 30, 80]
@@ -109,7 +109,7 @@ def test_scores_circuits_pruned():
 
 @pytest.mark.parametrize("ablation", ["mean", "corrupt"])
 def test_sweep_prune_evaluates_the_pruned_circuits(ablation):
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
     data = induction(model.cfg.d_vocab, n=4, seq_len=4, seed=0)
     gen = torch.Generator().manual_seed(1)
@@ -140,17 +140,17 @@ def test_sweep_prune_evaluates_the_pruned_circuits(ablation):
 
 
 def test_prune_bad_input():
-    graph = ep.build_graph(cached_model("tiny", "hooked"))
+    graph = ep.build_graph(cached_model("tiny", ANY_CLASS))
     with pytest.raises(EdgepatchError, match=r"circuit has shape \[3, 4\]; expected \[\.\.\., n_src, n_dest\]"):
         ep.prune_circuit(graph, torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(EdgepatchError, match="0/1 or bool mask.*pass e.g. weights > 0"):
         ep.prune_circuit(graph, torch.full((graph.n_src, graph.n_dest), 0.5))
     with pytest.raises(EdgepatchError, match="must be a tensor.*got list"):
         ep.prune_circuit(graph, [1, 2])
-    node = ep.build_graph(cached_model("tiny", "hooked"), level="node")
+    node = ep.build_graph(cached_model("tiny", ANY_CLASS), level="node")
     with pytest.raises(EdgepatchError, match="needs an edge-level graph.*Prune on graph.edge_graph"):
         ep.prune_circuit(node, torch.ones(node.n_src, 1, dtype=torch.bool))
-    model = cached_model("tiny", "hooked")
+    model = cached_model("tiny", ANY_CLASS)
     data = induction(model.cfg.d_vocab, n=2, seq_len=4, seed=0)
     scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest), graph, method="random")
     with pytest.raises(EdgepatchError, match="prune must be True or False; got 'yes'"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import edgepatch as ep
-from conftest import assert_unchanged, cached_model, model_snapshot
+from conftest import ANY_CLASS, assert_unchanged, cached_model, model_snapshot
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import build_graph
 from edgepatch.metrics import get_metric, logit_diff
@@ -32,7 +32,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def setup(preset="tiny", cls="hooked", level="edge", split_qkv=True, n=6, seed=1):
+def setup(preset="tiny", cls=ANY_CLASS, level="edge", split_qkv=True, n=6, seed=1):
     model = cached_model(preset, cls)
     graph = build_graph(model, split_qkv=split_qkv, level=level)
     data = induction(101, n=n, seq_len=4, seed=0)
@@ -67,7 +67,7 @@ def reference(model, graph, data, masks, metric="logit_diff", ablation="corrupt"
 # edge_counts
 # ------------------------------------------------------------------------------------------------------
 def test_edge_counts_specs():
-    graph = build_graph(cached_model("tiny", "hooked"))  # 110 edges
+    graph = build_graph(cached_model("tiny", ANY_CLASS))  # 110 edges
     assert graph.n_edges == 110
     assert edge_counts(graph, "log", n=5) == [1, 3, 10, 34, 110]
     assert edge_counts(graph, "log", n=1) == [110]
@@ -82,7 +82,7 @@ def test_edge_counts_specs():
 
 
 def test_edge_counts_groups_follow_ties():
-    graph = build_graph(cached_model("tiny", "hooked"))
+    graph = build_graph(cached_model("tiny", ANY_CLASS))
     flat = torch.zeros(graph.n_edges)
     flat[:3] = 5.0  # a run of three tied scores ranks first
     flat[3:5] = 4.0
@@ -101,7 +101,7 @@ def test_edge_counts_groups_follow_ties():
     ("groups", "counts='groups' follows runs of tied scores, so it needs the scores"),
 ])
 def test_edge_counts_errors(spec, message):
-    graph = build_graph(cached_model("tiny", "hooked"))
+    graph = build_graph(cached_model("tiny", ANY_CLASS))
     with pytest.raises(EdgepatchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")
                        .replace("[", r"\[").replace("]", r"\]")):
         edge_counts(graph, spec)
@@ -110,7 +110,7 @@ def test_edge_counts_errors(spec, message):
 def test_circuit_k_takes_counts_fractions_and_numpy_and_refuses_the_rest():
     import numpy as np
 
-    graph = build_graph(cached_model("tiny", "hooked"))  # 110 edges
+    graph = build_graph(cached_model("tiny", ANY_CLASS))  # 110 edges
     flat = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(0))
     scores = EdgeScores(graph.from_edges(flat), graph)
     top = flat.abs().argsort(descending=True)
@@ -159,9 +159,9 @@ def test_batched_circuits_equal_one_by_one_patching(cls, direction):
 
 
 @pytest.mark.parametrize("preset, cls, level, split", [
-    ("tiny-gqa", "hooked", "edge", True),
+    ("tiny-gqa", ANY_CLASS, "edge", True),
     ("tiny-parallel", "bridge", "edge", False),
-    ("tiny", "hooked", "node", True),
+    ("tiny", ANY_CLASS, "node", True),
 ])
 @pytest.mark.parametrize("metric, ablation", [("kl_div", "corrupt"), ("logit_diff", "zero"), ("prob_diff", "mean")])
 def test_other_models_metrics_and_ablations_match_reference(preset, cls, level, split, metric, ablation):
