@@ -407,8 +407,14 @@ def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:
 
     >>> normalized_faithfulness(1.5, clean=2.0, ablated=0.5)
     0.6666666666666666
-    >>> normalized_faithfulness(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0]), torch.tensor([0.0, 3.0]))
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     normalized_faithfulness(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 3.0]), torch.tensor([0.0, 3.0]))
     tensor([0.5000,    nan])
+    >>> print(caught[0].message)  # doctest: +NORMALIZE_WHITESPACE
+    normalized_faithfulness: clean == ablated at 1 of 2 entries, so the ratio is undefined there;
+    returning nan at those entries.
     """
     if not any(isinstance(x, Tensor) for x in (value, clean, ablated)):
         denom = float(clean) - float(ablated)
