@@ -12,7 +12,9 @@ Every run writes into ``--out``: ``scores_<method>.safetensors`` (+ ``.json``), 
 (the scores in MIB / EAP-IG's graph format, to submit or to load with EAP-IG's ``Graph.from_pt``) and
 ``run.json`` (versions, options, timings, peak memory). ``--method file:PATH`` sweeps scores from a file
 instead (MIB / EAP-IG graph ``.json`` / ``.pt``, or edgepatch's ``.safetensors``), named ``file-<stem>``; with
-``compare`` it puts another tool's circuits on the same axes, e.g. ``--methods eap-ig,file:theirs.pt``. Interrupt with Ctrl-C and run the same command again to
+``compare`` it puts another tool's circuits on the same axes, e.g. ``--methods eap-ig,file:theirs.pt``. A file
+that holds one circuit and no ranking (MIB's ``in_graph`` alone) is evaluated at its own size: one point (a
+star) beside the curves, and a table of its own. Interrupt with Ctrl-C and run the same command again to
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
 their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, learned
@@ -79,11 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--method", default="eap-ig",
                    help=f"one of {', '.join(METHODS)}; or file:PATH to sweep scores from a file (MIB / EAP-IG graph "
-                        f".json or .pt, or edgepatch's .safetensors)")
+                        f".json or .pt, or edgepatch's .safetensors), or to evaluate the one circuit it holds")
     c = sub.add_parser("compare", help="run several methods and overlay their faithfulness curves")
     common(c)
     c.add_argument("--methods", default="eap,eap-ig",
-                   help="comma-separated methods; file:PATH adds scores from a file (e.g. eap-ig,file:theirs.pt)")
+                   help="comma-separated methods; file:PATH adds scores or a circuit from a file (e.g. "
+                        "eap-ig,file:theirs.pt)")
     i = sub.add_parser("info", help="load a model and print its graph")
     i.add_argument("--model", default="smollm2-135m")
     i.add_argument("--model-class", default="auto", choices=["auto", "hooked", "bridge"])
@@ -129,8 +132,13 @@ def _label(method: str) -> str:
     return "file-" + ("".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or "scores")
 
 
-def _file_scores(method: str, graph: Any) -> Any:
-    """The scores of ``file:PATH``: MIB / EAP-IG graph JSON or tensors, or scores edgepatch saved."""
+def _file_scores(method: str, graph: Any) -> tuple[Any, int | None]:
+    """The scores of ``file:PATH`` (MIB / EAP-IG graph JSON or tensors, or scores edgepatch saved), and, when
+    the file holds a circuit but no ranking (MIB's ``in_graph`` alone, or scores that are one value inside
+    the circuit and another outside), that circuit's edge count: the command then evaluates that one
+    circuit instead of sweeping sizes."""
+    import torch
+
     from edgepatch import io as epio
     from edgepatch.errors import EdgepatchError
     from edgepatch.scores import EdgeScores
@@ -156,16 +164,20 @@ def _file_scores(method: str, graph: Any) -> Any:
     kept = graph.to_edges(mask) if mask is not None else None
     # no ranking: one value everywhere, or one inside the circuit and one outside (a circuit saved as 1 / 0)
     if constant(scores.flat) or (kept is not None and constant(scores.flat[kept]) and constant(scores.flat[~kept])):
-        if mask is not None:
-            n = int(mask.sum())
-            raise CliError(
-                f"--method {method}: the file holds a circuit of {n} edges but no scores to rank edges by, so there "
-                f"is no curve to sweep. Evaluate the circuit itself in Python: ep.sweep(model, graph, "
-                f"ep.EdgeScores(scores.circuit_mask.float(), graph), data, counts=[{n}])."
-            )
-        raise CliError(f"--method {method}: every edge has the same score (or none), so edges cannot be ranked.")
+        if mask is None:
+            raise CliError(f"--method {method}: every edge has the same score (or none), and the file marks no "
+                           f"circuit (MIB's in_graph), so there is neither a ranking to sweep nor a circuit to "
+                           f"evaluate.")
+        n = int(kept.sum())
+        if n == 0:
+            raise CliError(f"--method {method}: the file's circuit (MIB's in_graph) is empty; there is nothing to "
+                           f"evaluate.")
+        # 1 inside, 0 outside: the top n edges are the circuit itself, whatever the sweep's tie-breaking
+        ranked = torch.where(mask, torch.ones(()), torch.zeros(()))
+        return EdgeScores(ranked, graph, method=_label(method), metric=scores.metric, info=scores.info,
+                          circuit_mask=mask), n
     return EdgeScores(scores.scores, graph, method=_label(method), metric=scores.metric, info=scores.info,
-                      circuit_mask=scores.circuit_mask)
+                      circuit_mask=scores.circuit_mask), None
 
 
 def _counts(arg: str) -> Any:
@@ -329,14 +341,27 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _table(lines: list[list[str]]) -> str:
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in lines)
+
+
+def _circuit_table(rows: list[dict[str, Any]]) -> str:
+    """Circuits read from files (one size each): their size and normalized faithfulness."""
+    lines = [["circuit", "clean", "ablated", "edges", "faithfulness"]]
+    for r in rows:
+        edges = f"{r['counts'][0]}" + (f" ({r['pruned_counts'][0]} connected)" if "pruned_counts" in r else "")
+        lines.append([r["method"], f"{r['clean']:.3f}", f"{r['ablated']:.3f}", edges, f"{r['faithfulness'][0]:.3f}"])
+    return _table(lines)
+
+
 def _summary_table(rows: list[dict[str, Any]], counts: list[int]) -> str:
     head = ["method", "clean", "ablated"] + [f"k={c}" for c in counts] + ["CPR", "CMD"]
     lines = [head]
     for r in rows:
         lines.append([r["method"], f"{r['clean']:.3f}", f"{r['ablated']:.3f}"] + [f"{v:.2f}" for v in r["faithfulness"]]
                      + [_fmt(r["cpr"]), _fmt(r["cmd"])])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in lines)
+    return _table(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -407,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
         for method, label in zip(methods, labels):
             scores_path = out / f"scores_{label}{tag}"
             t = time.perf_counter()
-            scores = _file_scores(method, graph) if method.startswith(FILE) else None
+            scores, circuit_n = _file_scores(method, graph) if method.startswith(FILE) else (None, None)
             settings = None if scores is not None else _score_settings(args, method, model, graph, data)
             if scores is None and args.resume and (scores_path.with_suffix(".safetensors")).exists():
                 scores = _resumed_scores(scores_path, graph, settings,
@@ -433,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
             record["timings"][f"{label}_scores_s"] = time.perf_counter() - t
             stage = ""
             t = time.perf_counter()
-            result = run_sweep(model, graph, scores, data, counts=counts, metric=args.metric,
+            result = run_sweep(model, graph, scores, data, counts=counts if circuit_n is None else [circuit_n],
+                               metric=args.metric,
                                ablation=args.ablation, direction=args.direction,
                                random_baseline=args.random_baseline, seed=args.seed,
                                batch_size=args.batch_size, out=out / f"sweep_{label}{tag}" if args.resume else None,
@@ -441,17 +467,19 @@ def run(args: argparse.Namespace) -> int:
             record["timings"][f"{label}_sweep_s"] = time.perf_counter() - t
             results[label] = result
             faith = [float(v) for v in result.normalized]
+            eff = [int(c) for c in result.effective_counts]
             rows.append({"method": label, "clean": float(result.clean_mean), "ablated": float(result.ablated_mean),
-                         "faithfulness": faith, "cpr": _maybe(result.cpr), "cmd": _maybe(result.cmd),
+                         "faithfulness": faith, "counts": eff, "circuit": circuit_n is not None,
+                         "cpr": _maybe(result.cpr), "cmd": _maybe(result.cmd),
                          "auc_log": _maybe(lambda: result.auc(log_x=True))})
             if args.prune:
                 rows[-1]["pruned_counts"] = result.info["pruned_counts"]
-            # the smallest circuit reaching 80% normalized faithfulness
-            eff = [int(c) for c in result.effective_counts]
+            # the smallest circuit reaching 80% normalized faithfulness (a file's circuit: itself)
             reach = [c for c, f in zip(eff, faith) if f >= 0.8]
             rows[-1]["smallest_80pct"] = min(reach) if reach else None
-            if reach and not scores.per_position:  # (the circuit plot draws edges, not (slot, edge) pairs)
-                fig = plots.plot_circuit(scores, k=min(reach))
+            plotted = circuit_n if circuit_n is not None else (min(reach) if reach else None)
+            if plotted and not scores.per_position:  # (the circuit plot draws edges, not (slot, edge) pairs)
+                fig = plots.plot_circuit(scores, k=plotted)
                 plots.save_figure(fig, out / f"circuit_{label}.html")
                 if _png_ok():
                     plots.save_figure(fig, out / f"circuit_{label}.png")
@@ -467,13 +495,22 @@ def run(args: argparse.Namespace) -> int:
     fig = plots.plot_faithfulness({m.upper(): r for m, r in results.items()})
     plots.save_figure(fig, out / f"faithfulness{tag}.html")
     png = plots.save_figure(fig, out / f"faithfulness{tag}.png") if _png_ok() else False
-    swept = [int(c) for c in next(iter(results.values())).effective_counts]
+    ranked = [r for r in rows if not r["circuit"]]
+    circuits = [r for r in rows if r["circuit"]]
+    swept = (ranked or rows)[0]["counts"]
     print()
-    print(f"metric {args.metric}, {args.direction}, ablation {args.ablation}; normalized faithfulness per edge count:")
-    print(_summary_table(rows, swept))
+    if ranked:
+        print(f"metric {args.metric}, {args.direction}, ablation {args.ablation}; normalized faithfulness per edge "
+              f"count:")
+        print(_summary_table(ranked, swept))
+    if circuits:
+        if ranked:
+            print()
+        print(f"circuits from files (metric {args.metric}, {args.direction}, ablation {args.ablation}):")
+        print(_circuit_table(circuits))
     n_items = next(iter(results.values())).n_edges  # edges, or (slot, edge) pairs per position
     unit = f"(position slot, edge) pairs ({args.positions} positions)" if args.positions else "edges"
-    for r in rows:
+    for r in ranked:
         k = r["smallest_80pct"]
         print(f"[{r['method']}] smallest circuit reaching 80% faithfulness: "
               + (f"{k} {unit} ({100 * k / n_items:.2f}% of {n_items:,})" if k else "none of the swept sizes"))

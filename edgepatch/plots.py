@@ -81,7 +81,8 @@ def plot_faithfulness(
     show_baseline: bool = True,
     title: str | None = None,
 ) -> Any:
-    """Faithfulness curves: one line per method (named by the dict key), x = edges in the circuit.
+    """Faithfulness curves: one line per method (named by the dict key), x = edges in the circuit; a result
+    of one circuit size (a single circuit) is one star.
 
     ``normalized``: normalized faithfulness (else the raw mean metric). ``log_x``: log x axis (circuits of 0
     edges are left out, a log axis cannot show them). ``show_baseline``: the random-circuit band (min to max
@@ -119,8 +120,11 @@ def plot_faithfulness(
     for i, (name, r) in enumerate(named.items()):
         y = (r.normalized if normalized else r.mean).tolist()
         xs, ys = _sorted_points(r.effective_counts, y, log_x)
+        single = len(xs) == 1  # one circuit (e.g. read from a file): a point, drawn large enough to see
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers", name=name, line=dict(color=_PALETTE[i % len(_PALETTE)]),
+            x=xs, y=ys, mode="markers" if single else "lines+markers", name=name,
+            line=dict(color=_PALETTE[i % len(_PALETTE)]),
+            marker=dict(symbol="star", size=14) if single else None,
             hovertemplate=f"{name}<br>%{{x:,}} edges<br>{'faithfulness' if normalized else r.metric} %{{y:.3f}}"
                           "<extra></extra>",
         ))

@@ -46,6 +46,8 @@ def test_compare_overlays_methods(tmp_path):
 def test_scores_from_files_sweep_like_the_method_that_made_them(tmp_path, capsys):
     """``file:PATH`` sweeps another tool's scores: MIB / EAP-IG tensors and JSON, and edgepatch's own files. The
     same scores written in each format give the curve of the method that computed them."""
+    import torch
+
     import edgepatch as ep
 
     out = tmp_path / "run"
@@ -62,16 +64,70 @@ def test_scores_from_files_sweep_like_the_method_that_made_them(tmp_path, capsys
     assert {"sweep_file-mib_eap", "sweep_file-theirs"} <= names
     assert not any(n.startswith(("mib_file", "scores_file")) for n in names)  # nothing re-exported
     assert "file-theirs" in capsys.readouterr().out
-    # a circuit without a ranking cannot be swept: the message says how to evaluate it instead
+    # scores without a ranking and without a circuit
     graph = ep.io.load_scores(out / "scores_eap").graph
-    ep.io.to_mib_pt(graph.mask_from_edges(["input->a0.h0<q>", "a0.h0->logits"]), tmp_path / "circ.pt", graph=graph)
-    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'circ.pt'}", "--out", str(tmp_path / "c")]) == 2
-    assert "holds a circuit of 2 edges but no scores to rank" in capsys.readouterr().err
+    flat = ep.EdgeScores(torch.ones(graph.n_src, graph.n_dest), graph)
+    ep.io.to_mib_pt(flat, tmp_path / "flat.pt")
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'flat.pt'}", "--out", str(tmp_path / "f")]) == 2
+    assert "neither a ranking to sweep nor a circuit to evaluate" in capsys.readouterr().err
     # a file made for another model
     other = tmp_path / "other.pt"
     ep.io.to_mib_pt(ep.random_scores(ep.build_graph(ep.random_model("tiny-gqa"))), other)
     assert cli.main(["sweep", *FAST, "--method", f"file:{other}", "--out", str(tmp_path / "o")]) == 2
     assert "describes a model with n_heads=6" in capsys.readouterr().err
+
+
+def _faithfulness_by_hand(mask_edges: list[str]) -> tuple[float, float, float]:
+    """Clean, ablated and normalized faithfulness of one circuit for FAST's model and task, computed here with
+    plain ``ep.patch`` forwards (corrupted-run ablation, logit difference, mean over the prompts)."""
+    import torch
+
+    import edgepatch as ep
+
+    model = ep.random_model("tiny", seed=0)  # what --model random:tiny loads
+    graph = ep.build_graph(model)
+    data = ep.tasks.induction(int(model.cfg.d_vocab), n=6, seed=0)  # --task induction --n-prompts 6 --seed 0
+    met = ep.get_metric("logit_diff")
+    abl = ep.source_activations(model, graph, data.corrupt)
+    with torch.no_grad():
+        clean = float(met(model(data.clean), data).mean())
+        with ep.patch(model, graph, torch.zeros(graph.n_src, graph.n_dest), abl):
+            ablated = float(met(model(data.clean), data).mean())
+        with ep.patch(model, graph, graph.mask_from_edges(mask_edges).float(), abl):
+            kept = float(met(model(data.clean), data).mean())
+    return clean, ablated, (kept - ablated) / (clean - ablated)
+
+
+def test_a_circuit_file_is_evaluated_at_its_size(tmp_path, capsys):
+    """A file that holds a circuit but no ranking (MIB's ``in_graph`` alone, or 1 inside / 0 outside) is one
+    point: the command evaluates that circuit, beside the other methods' curves, and draws it."""
+    import edgepatch as ep
+
+    edges = ["input->a0.h0<v>", "a0.h0->m1", "input->m1", "m1->logits", "input->logits"]
+    graph = ep.build_graph(ep.random_model("tiny", seed=0))
+    ep.io.to_mib_pt(graph.mask_from_edges(edges), tmp_path / "theirs.pt", graph=graph)
+    ep.io.to_mib_json(graph.mask_from_edges(edges), tmp_path / "mine.json", graph=graph)
+    out = tmp_path / "cmp"
+    methods = f"eap,file:{tmp_path / 'theirs.pt'},file:{tmp_path / 'mine.json'}"
+    assert cli.main(["compare", *FAST, "--methods", methods, "--out", str(out)]) == 0
+    rows = json.loads((out / "run.json").read_text())["results"]
+    assert [(r["method"], r["circuit"]) for r in rows] == [("eap", False), ("file-theirs", True), ("file-mine", True)]
+    assert len(rows[0]["counts"]) > 1
+    clean, ablated, faith = _faithfulness_by_hand(edges)
+    for r in rows[1:]:
+        assert r["counts"] == [len(edges)]
+        assert r["clean"] == pytest.approx(clean, abs=1e-5) and r["ablated"] == pytest.approx(ablated, abs=1e-5)
+        assert r["faithfulness"][0] == pytest.approx(faith, abs=1e-4)
+    text = capsys.readouterr().out
+    assert "circuits from files" in text and "k=" in text  # the curve's table and the circuits' table
+    html = (out / "faithfulness.html").read_text()
+    assert '"symbol":"star"' in html.replace(" ", "")
+    assert (out / f"circuit_{rows[1]['method']}.html").exists()
+    # alone, with --prune: the connected part (a0.h0 reads only a value edge from input; all of it connects)
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'theirs.pt'}", "--prune",
+                     "--out", str(tmp_path / "alone")]) == 0
+    text = capsys.readouterr().out
+    assert "k=" not in text and f"{len(edges)} ({len(edges)} connected)" in text
 
 
 def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
