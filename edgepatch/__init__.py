@@ -25,7 +25,7 @@ from edgepatch.scores import EdgeScores
 from edgepatch.evaluation import circuit_recovery, roc
 from edgepatch.planted import planted_model, verify_planting
 from edgepatch.plots import plot_circuit, plot_faithfulness, plot_roc, save_figure
-from edgepatch.sweep import SweepResult, edge_counts, sweep
+from edgepatch.sweep import SweepResult, edge_counts, evaluate_circuit, sweep
 from edgepatch.weight_masks import apply_subnetwork, sweep_weight_sparsity, train_weight_masks, weight_masks
 
 __version__ = "0.1.0"

@@ -458,12 +458,14 @@ def run(args: argparse.Namespace) -> int:
             record["timings"][f"{label}_scores_s"] = time.perf_counter() - t
             stage = ""
             t = time.perf_counter()
-            result = run_sweep(model, graph, scores, data, counts=counts if circuit_n is None else [circuit_n],
-                               metric=args.metric,
-                               ablation=args.ablation, direction=args.direction,
-                               random_baseline=args.random_baseline, seed=args.seed,
-                               batch_size=args.batch_size, out=out / f"sweep_{label}{tag}" if args.resume else None,
-                               progress=args.progress, prune=args.prune, positions=args.positions)
+            options = dict(metric=args.metric, ablation=args.ablation, direction=args.direction,
+                           random_baseline=args.random_baseline, seed=args.seed, batch_size=args.batch_size,
+                           out=out / f"sweep_{label}{tag}" if args.resume else None, progress=args.progress,
+                           prune=args.prune)
+            if circuit_n is None:
+                result = run_sweep(model, graph, scores, data, counts=counts, positions=args.positions, **options)
+            else:  # a file's one circuit
+                result = ep.evaluate_circuit(model, graph, scores, data, name=label, **options)
             record["timings"][f"{label}_sweep_s"] = time.perf_counter() - t
             results[label] = result
             faith = [float(v) for v in result.normalized]

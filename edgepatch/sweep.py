@@ -673,6 +673,92 @@ def sweep(
     return result
 
 
+def evaluate_circuit(
+    model: Any,
+    graph: Graph,
+    circuit: Any,
+    data: PromptPairs,
+    metric: Any = "logit_diff",
+    ablation: Any = "corrupt",
+    direction: Literal["sufficiency", "necessity"] = "sufficiency",
+    name: str = "circuit",
+    **options: Any,
+) -> SweepResult:
+    """The faithfulness of one circuit: keep its edges and ablate the rest (``"sufficiency"``), or ablate its
+    edges and keep the rest (``"necessity"``), on ``data``.
+
+    ``circuit``: edge names (or one name), a ``[n_src, n_dest]`` mask (bool, or 0 / 1), or ``EdgeScores``
+    with a ``circuit_mask`` (ACDC's, learned masks', an imported MIB circuit's). ``metric``, ``ablation``
+    and ``options`` (``batch_size``, ``random_baseline``, ``seed``, ``prune``, ``out``, ``progress``
+    (default False here), ``memory_budget_mb``, ``max_circuits_per_forward``) are :func:`sweep`'s. Returns a
+    :class:`SweepResult` of one count (the circuit's edges), named ``name``: ``result.normalized[0]`` is the
+    normalized faithfulness, ``result.mean[0]`` the mean metric, and :func:`edgepatch.plot_faithfulness` draws
+    it as a star beside the curves of rankings.
+
+    >>> import edgepatch as ep
+    >>> from edgepatch.tasks import induction
+    >>> model = ep.random_model("tiny"); graph = ep.build_graph(model)
+    >>> data = induction(101, n=4, seq_len=4, seed=0)
+    >>> r = evaluate_circuit(model, graph, ["input->a0.h0<v>", "a0.h0->logits", "input->logits"], data)
+    >>> r.effective_counts, r.normalized.shape
+    ([3], torch.Size([1]))
+    """
+    for key in ("counts", "by", "ties", "positions"):
+        if key in options:
+            raise EdgepatchError(
+                f"evaluate_circuit: {key}= does not apply to a single circuit (it is {key}= of a sweep over a "
+                f"ranking's circuits); leave it out, or call ep.sweep with scores."
+            )
+    options.setdefault("progress", False)
+    mask = _as_circuit_mask(circuit, graph)
+    n = int(mask.sum())
+    # 1 on the circuit, 0 elsewhere: the top n edges (ties broken by edge order) are the circuit itself
+    scores = EdgeScores(mask.float(), graph, method=str(name), circuit_mask=mask)
+    return sweep(model, graph, scores, data, counts=[n], metric=metric, ablation=ablation, direction=direction,
+                 by="signed", ties="break", **options)
+
+
+def _as_circuit_mask(circuit: Any, graph: Graph) -> Tensor:
+    """A circuit given as edge names, a 0 / 1 or bool mask, or EdgeScores with a circuit_mask: its bool mask."""
+    if isinstance(circuit, EdgeScores):
+        if circuit.circuit_mask is None:
+            raise EdgepatchError(
+                f"evaluate_circuit: these {circuit.method} scores hold no circuit (circuit_mask is None); pick one, "
+                f"e.g. scores.circuit(100) for the top 100 edges, or sweep the ranking with ep.sweep."
+            )
+        if circuit.per_position:
+            raise EdgepatchError("evaluate_circuit: per-position circuits are evaluated with ep.sweep(..., "
+                                 "positions=...); give an edge circuit here.")
+        _check_scores(circuit, graph)
+        circuit = circuit.circuit_mask
+    if isinstance(circuit, Tensor):
+        graph.check_shape(circuit, "circuit")
+        t = circuit.detach().cpu()
+        if t.dtype != torch.bool:
+            if not bool(((t == 0) | (t == 1)).all()):
+                raise EdgepatchError(
+                    f"evaluate_circuit: a circuit mask holds only 0 and 1 (or bools); got values such as "
+                    f"{t[(t != 0) & (t != 1)].flatten()[:3].tolist()}. For weights between 0 and 1 use ep.patch; "
+                    f"for scores, ep.sweep or scores.circuit(k)."
+                )
+            t = t != 0
+        outside = t & ~graph.valid
+        if bool(outside.any()):
+            s, d = outside.nonzero()[0].tolist()
+            raise EdgepatchError(
+                f"evaluate_circuit: the mask marks {int(outside.sum())} entries that are not edges of {graph!r}, "
+                f"e.g. {graph.src_names[s]}->{graph.dest_names[d]} (a source that writes after its destination "
+                f"reads). Build the mask with graph.mask_from_edges(names), or AND it with graph.valid."
+            )
+        return t
+    if isinstance(circuit, str) or hasattr(circuit, "__iter__"):
+        return graph.mask_from_edges(circuit)
+    raise EdgepatchError(
+        f"evaluate_circuit: circuit must be edge names, a [n_src, n_dest] mask or EdgeScores with a circuit_mask; "
+        f"got {type(circuit).__name__}."
+    )
+
+
 def _run_batch(
     model: Any, graph: Graph, data: PromptPairs, sl: slice, pos: int, fast: bool, resolved: Any,
     needs_clean: bool, abl_kind: str, fixed: Ablation | None, plan: _Plan, direction: str, n_edges: int,

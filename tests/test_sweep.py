@@ -535,3 +535,52 @@ def test_per_position_sweep_with_absolute_positions_and_errors():
             f"pairs ({n_slots} slots x {graph.n_edges:,} edges of {graph!r}). Give counts in 0..{n} or fractions "
             f"of the pairs in (0, 1).")):
         sweep(model, graph, scores, data, counts=[n + 1], positions="absolute", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# evaluate_circuit
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+@pytest.mark.parametrize("direction, ablation", [("sufficiency", "corrupt"), ("necessity", "mean")])
+def test_evaluate_circuit_matches_plain_patching(cls, direction, ablation):
+    """One circuit, given as names, a bool mask, a 0 / 1 float mask or EdgeScores with a circuit_mask, gives
+    the metric of one plain ep.patch forward with that circuit (and its normalized faithfulness)."""
+    model, graph, data, _ = setup(cls=cls)
+    gen = torch.Generator().manual_seed(7)
+    mask = (torch.rand(graph.n_src, graph.n_dest, generator=gen) < 0.3) & graph.valid
+    names = graph.edges_from_mask(mask)
+    ref = reference(model, graph, data, [mask, torch.ones_like(mask), torch.zeros_like(mask)],
+                    ablation=ablation, direction="sufficiency")  # the circuit, then every edge kept / none
+    keep = ref[0] if direction == "sufficiency" else reference(model, graph, data, [mask], ablation=ablation,
+                                                                direction="necessity")[0]
+    clean, ablated = ref[1].mean(), ref[2].mean()
+    as_scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=gen), graph, circuit_mask=mask)
+    for given in (names, mask, mask.float(), as_scores):
+        r = ep.evaluate_circuit(model, graph, given, data, ablation=ablation, direction=direction, name="mine",
+                                batch_size=4)
+        assert r.effective_counts == [len(names)] and r.method == "mine" and r.direction == direction
+        torch.testing.assert_close(r.values[0], keep, atol=1e-4, rtol=0)
+        assert float(r.normalized[0]) == pytest.approx(float((keep.mean() - ablated) / (clean - ablated)), abs=1e-4)
+    # the empty circuit and the whole model are the two ends
+    assert float(ep.evaluate_circuit(model, graph, [], data).normalized[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(ep.evaluate_circuit(model, graph, graph.valid, data).normalized[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_evaluate_circuit_bad_input():
+    model, graph, data, scores = setup()
+    with pytest.raises(EdgepatchError, match=r"only 0 and 1 .* got values such as \[0.5"):
+        ep.evaluate_circuit(model, graph, torch.full((graph.n_src, graph.n_dest), 0.5), data)
+    with pytest.raises(EdgepatchError, match=r"marks 1 entries that are not edges .* e\.g\. m1->a0\.h0<q>"):
+        bad = torch.zeros(graph.n_src, graph.n_dest, dtype=torch.bool)
+        bad[graph.src_index("m1"), graph.dest_index("a0.h0<q>")] = True
+        ep.evaluate_circuit(model, graph, bad, data)
+    with pytest.raises(EdgepatchError, match=r"random scores hold no circuit .* scores\.circuit\(100\)"):
+        ep.evaluate_circuit(model, graph, scores, data)
+    with pytest.raises(EdgepatchError, match=r"counts= does not apply to a single circuit"):
+        ep.evaluate_circuit(model, graph, ["m1->logits"], data, counts=[3])
+    with pytest.raises(EdgepatchError, match=r"must be edge names, a \[n_src, n_dest\] mask .* got int"):
+        ep.evaluate_circuit(model, graph, 3, data)
+    with pytest.raises(EdgepatchError, match=r"circuit .*shape|shape.*circuit"):
+        ep.evaluate_circuit(model, graph, torch.ones(3, 3, dtype=torch.bool), data)
+    with pytest.raises(EdgepatchError, match=r"Unknown destination 'logit' .* Did you mean 'logits'\?"):
+        ep.evaluate_circuit(model, graph, ["m1->logit"], data)
