@@ -77,7 +77,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.data import PromptPairs
-from edgepatch.errors import EdgepatchError, suggest
+from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, prune_circuit
 from edgepatch.metrics import (
     answer_logits,
@@ -688,12 +688,14 @@ def evaluate_circuit(
     edges and keep the rest (``"necessity"``), on ``data``.
 
     ``circuit``: edge names (or one name), a ``[n_src, n_dest]`` mask (bool, or 0 / 1), or ``EdgeScores``
-    with a ``circuit_mask`` (ACDC's, learned masks', an imported MIB circuit's). ``metric``, ``ablation``
-    and ``options`` (``batch_size``, ``random_baseline``, ``seed``, ``prune``, ``out``, ``progress``
-    (default False here), ``memory_budget_mb``, ``max_circuits_per_forward``) are :func:`sweep`'s. Returns a
-    :class:`SweepResult` of one count (the circuit's edges), named ``name``: ``result.normalized[0]`` is the
-    normalized faithfulness, ``result.mean[0]`` the mean metric, and :func:`edgepatch.plot_faithfulness` draws
-    it as a star beside the curves of rankings.
+    with a ``circuit_mask`` (ACDC's, learned masks', an imported MIB circuit's); or a per-position circuit,
+    a ``[n_slots, n_src, n_dest]`` mask of (slot, edge) pairs (e.g. ``scores.circuit(k)`` of per-position
+    scores) with ``positions=`` as :func:`sweep` takes it. ``metric``, ``ablation`` and ``options``
+    (``batch_size``, ``random_baseline``, ``seed``, ``prune``, ``out``, ``progress`` (default False here),
+    ``memory_budget_mb``, ``max_circuits_per_forward``) are :func:`sweep`'s. Returns a :class:`SweepResult` of
+    one count (the circuit's edges, or pairs), named ``name``: ``result.normalized[0]`` is the normalized
+    faithfulness, ``result.mean[0]`` the mean metric, and :func:`edgepatch.plot_faithfulness` draws it as a
+    star beside the curves of rankings.
 
     >>> import edgepatch as ep
     >>> from edgepatch.tasks import induction
@@ -703,19 +705,43 @@ def evaluate_circuit(
     >>> r.effective_counts, r.normalized.shape
     ([3], torch.Size([1]))
     """
-    for key in ("counts", "by", "ties", "positions"):
+    for key in ("counts", "by", "ties"):
         if key in options:
             raise EdgepatchError(
                 f"evaluate_circuit: {key}= does not apply to a single circuit (it is {key}= of a sweep over a "
                 f"ranking's circuits); leave it out, or call ep.sweep with scores."
             )
     options.setdefault("progress", False)
-    mask = _as_circuit_mask(circuit, graph)
-    n = int(mask.sum())
-    # 1 on the circuit, 0 elsewhere: the top n edges (ties broken by edge order) are the circuit itself
-    scores = EdgeScores(mask.float(), graph, method=str(name), circuit_mask=mask)
-    return sweep(model, graph, scores, data, counts=[n], metric=metric, ablation=ablation, direction=direction,
-                 by="signed", ties="break", **options)
+    positions = options.get("positions")
+    if isinstance(circuit, Tensor) and circuit.dim() == 3:  # (slot, edge) pairs
+        from edgepatch.attribution import position_slots
+
+        if positions is None:
+            raise EdgepatchError(
+                f"evaluate_circuit: a [n_slots, n_src, n_dest] circuit {shape_str(circuit.shape)} is per position; "
+                f"give positions= ('absolute', 'named' or the [n_prompts, pos] slot tensor) as for ep.sweep."
+            )
+        given = range(circuit.shape[0]) if isinstance(positions, Tensor) else None
+        _, names = position_slots(positions, data, given)
+        if circuit.shape[0] != len(names or ()):
+            raise EdgepatchError(
+                f"evaluate_circuit: the circuit has {circuit.shape[0]} slots but positions={positions!r} gives "
+                f"{len(names or ())} for this data ({list(names or ())[:8]}); build the circuit from scores with these "
+                f"positions."
+            )
+        mask = torch.stack([_as_circuit_mask(c, graph) for c in circuit])
+        scores = EdgeScores(mask.float(), graph, method=str(name), slots=names)
+    else:
+        if positions is not None:
+            raise EdgepatchError(
+                "evaluate_circuit: positions= goes with a per-position circuit ([n_slots, n_src, n_dest]); this one "
+                "is an edge circuit, which every token keeps alike. Leave positions out."
+            )
+        mask = _as_circuit_mask(circuit, graph)
+        # 1 on the circuit, 0 elsewhere: the top n edges (ties broken by edge order) are the circuit itself
+        scores = EdgeScores(mask.float(), graph, method=str(name), circuit_mask=mask)
+    return sweep(model, graph, scores, data, counts=[int(mask.sum())], metric=metric, ablation=ablation,
+                 direction=direction, by="signed", ties="break", **options)
 
 
 def _as_circuit_mask(circuit: Any, graph: Graph) -> Tensor:

@@ -566,6 +566,28 @@ def test_evaluate_circuit_matches_plain_patching(cls, direction, ablation):
     assert float(ep.evaluate_circuit(model, graph, graph.valid, data).normalized[0]) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_evaluate_circuit_per_position():
+    """A per-position circuit ([n_slots, n_src, n_dest] pairs) with positions= equals one plain ep.patch forward
+    with those per-position weights; a slot tensor works as "absolute" does."""
+    model, graph, data, _ = setup()
+    gen = torch.Generator().manual_seed(11)
+    n_slots = data.pos
+    mask = (torch.rand(n_slots, graph.n_src, graph.n_dest, generator=gen) < 0.2) & graph.valid
+    ref = reference(model, graph, data, [mask], positions="absolute")[0]
+    r = ep.evaluate_circuit(model, graph, mask, data, positions="absolute", batch_size=4)
+    assert r.effective_counts == [int(mask.sum())] and r.n_edges == n_slots * graph.n_edges
+    torch.testing.assert_close(r.values[0], ref, atol=1e-4, rtol=0)
+    slots = torch.arange(data.pos).expand(len(data), -1).clone()  # every token its own slot, as "absolute"
+    by_tensor = ep.evaluate_circuit(model, graph, mask.float(), data, positions=slots, batch_size=4)
+    torch.testing.assert_close(by_tensor.values, r.values, atol=1e-6, rtol=0)
+    with pytest.raises(EdgepatchError, match=r"is per position; give positions="):
+        ep.evaluate_circuit(model, graph, mask, data)
+    with pytest.raises(EdgepatchError, match=rf"circuit has 2 slots but positions='absolute' gives {n_slots}"):
+        ep.evaluate_circuit(model, graph, mask[:2], data, positions="absolute")
+    with pytest.raises(EdgepatchError, match=r"positions= goes with a per-position circuit"):
+        ep.evaluate_circuit(model, graph, mask[0], data, positions="absolute")
+
+
 def test_evaluate_circuit_bad_input():
     model, graph, data, scores = setup()
     with pytest.raises(EdgepatchError, match=r"only 0 and 1 .* got values such as \[0.5"):
