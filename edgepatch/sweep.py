@@ -773,8 +773,9 @@ def _as_circuit_mask(circuit: Any, graph: Graph) -> Tensor:
             s, d = outside.nonzero()[0].tolist()
             raise EdgepatchError(
                 f"evaluate_circuit: the mask marks {int(outside.sum())} entries that are not edges of {graph!r}, "
-                f"e.g. {graph.src_names[s]}->{graph.dest_names[d]} (a source that writes after its destination "
-                f"reads). Build the mask with graph.mask_from_edges(names), or AND it with graph.valid."
+                f"e.g. {graph.src_names[s]}->{graph.dest_names[d]} (the destination does not read that source: it "
+                f"writes later, or in parallel). Build the mask with graph.mask_from_edges(names), or AND it with "
+                f"graph.valid."
             )
         return t
     if isinstance(circuit, str) or hasattr(circuit, "__iter__"):
