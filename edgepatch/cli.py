@@ -172,7 +172,8 @@ def _file_scores(method: str, graph: Any) -> tuple[Any, int | None]:
         if n == 0:
             raise CliError(f"--method {method}: the file's circuit (MIB's in_graph) is empty; there is nothing to "
                            f"evaluate.")
-        # 1 inside, 0 outside: the top n edges are the circuit itself, whatever the sweep's tie-breaking
+        # (ep.evaluate_circuit reads only circuit_mask; 1 inside / 0 outside gives the circuit plot its top n
+        # edges at full width, whatever constant the file held)
         ranked = torch.where(mask, torch.ones(()), torch.zeros(()))
         return EdgeScores(ranked, graph, method=_label(method), metric=scores.metric, info=scores.info,
                           circuit_mask=mask), n

@@ -28,16 +28,18 @@ MODEL_CASES = [
 # (no TransformerBridge) or 4.x (no HookedTransformer) the tests of the missing class are skipped, and
 # scripts/test.sh runs the rest there too (see EDGEPATCH_TL_MATRIX).
 HAVE = model_classes()
-# The class a test that is not about the model class runs on: HookedTransformer where TransformerLens has
-# it (the suite's thresholds were first set on its random models), else the bridge, so that under 4.x those
-# tests run too instead of being skipped.
-ANY_CLASS = HAVE[0] if HAVE else "hooked"
 
 
 def class_or_other(model_class: str) -> str:
     """``model_class`` where this TransformerLens has it, else the class it has: for a test first written on
     one class that is not about that class, so that it runs under TransformerLens 2.x and 4.x too."""
     return model_class if model_class in HAVE or not HAVE else HAVE[0]
+
+
+# The class a test that is not about the model class runs on: HookedTransformer where TransformerLens has
+# it (the suite's thresholds were first set on its random models), else the bridge, so that under 4.x those
+# tests run too instead of being skipped.
+ANY_CLASS = class_or_other("hooked")
 
 
 def _lacks(model_class: str) -> str:
