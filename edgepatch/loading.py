@@ -439,9 +439,22 @@ def _bridge_from_hf(name: str, hf_model, tokenizer, *, device, dtype) -> torch.n
             f"model_class='bridge' needs transformer_lens.model_bridge (TransformerLens >= 3), which could "
             f"not be imported ({err}). Use model_class='hooked' or upgrade transformer-lens."
         ) from err
+    # boot_transformers uses a model it is given where it is (TransformerLens 3.9): put it on the device first,
+    # else `device="cuda"` would leave the bridge on the CPU without a word
+    hf_model = hf_model.to(_default_device() if device is None else device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _default_device() -> str:
+    """TransformerLens' choice of device where none is given (CUDA when available), as its loaders make it."""
+    try:
+        from transformer_lens.utilities import get_device
+
+        return str(get_device())
+    except ImportError:  # pragma: no cover - older layouts
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _hooked_from_hf(name: str, hf_model, tokenizer, *, device, dtype) -> torch.nn.Module:

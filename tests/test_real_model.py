@@ -10,9 +10,17 @@ import edgepatch as ep
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["bridge", "hooked"])
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(scope="module", params=["bridge", "hooked", pytest.param("bridge-cuda", marks=_CUDA),
+                                        pytest.param("hooked-cuda", marks=_CUDA)])
 def smol(request):
-    return ep.load_model("smollm2-135m", model_class=request.param)
+    model_class, _, device = request.param.partition("-")
+    model = ep.load_model("smollm2-135m", model_class=model_class, device=device or "cpu")
+    where = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert where == {device or "cpu"}, f"asked for {device or 'cpu'}, got weights on {where}"
+    return model
 
 
 def test_graph_of_smollm2(smol):
@@ -24,7 +32,7 @@ def test_graph_of_smollm2(smol):
 
 def test_invariants_on_real_weights(smol):
     g = ep.build_graph(smol)
-    data = ep.tasks.ioi(smol.tokenizer, n=4, seed=0)
+    data = ep.tasks.ioi(smol.tokenizer, n=4, seed=0).to(next(smol.parameters()).device)
     with torch.no_grad():
         clean, corrupt = smol(data.clean), smol(data.corrupt)
         abl = ep.source_activations(smol, g, data.corrupt)
@@ -39,10 +47,10 @@ def test_invariants_on_real_weights(smol):
 
 def test_eap_equals_autograd_on_real_weights(smol):
     g = ep.build_graph(smol)
-    data = ep.tasks.ioi(smol.tokenizer, n=2, seed=1)
+    data = ep.tasks.ioi(smol.tokenizer, n=2, seed=1).to(next(smol.parameters()).device)
     s = ep.eap(smol, g, data, progress=False)
     abl = ep.source_activations(smol, g, data.corrupt)
-    W = torch.ones(g.n_src, g.n_dest, requires_grad=True)
+    W = torch.ones(g.n_src, g.n_dest, requires_grad=True)  # on the CPU whatever the model's device
     with ep.patch(smol, g, W, abl):
         ep.metrics.logit_diff(smol(data.clean), data).mean().backward()
     v = g.valid
