@@ -29,6 +29,9 @@ def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -
     p.add_argument("--model-class", default=None, choices=["hooked", "bridge"],
                    help="default: hooked where the installed TransformerLens has it (2.x, 3.x), else bridge (4.x)")
     p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default=None,
+                   help="a real model for ep.load_model (e.g. smollm2-135m) instead of --preset's random weights")
     if extra:
         extra(p)
     args = p.parse_args()
@@ -43,11 +46,15 @@ def parse_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -
 
 def setup(args: argparse.Namespace) -> tuple[Any, Any, torch.Generator, Any]:
     """The benchmarks' subject: a random-weight model of ``args.preset`` and ``args.model_class`` on
-    ``args.device``, its graph, a generator seeded 0, and random prompt pairs of ``args.batch`` x
-    ``args.seq`` tokens (one answer and one wrong token each)."""
+    ``args.device`` (or the real model ``args.model``), its graph, a generator seeded 0, and random prompt
+    pairs of ``args.batch`` x ``args.seq`` tokens (one answer and one wrong token each)."""
     import edgepatch as ep
 
-    model = ep.random_model(args.preset, model_class=args.model_class, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model = ep.load_model(args.model, device=args.device, model_class=args.model_class, dtype=dtype)
+    else:
+        model = ep.random_model(args.preset, model_class=args.model_class, device=args.device, dtype=dtype)
     graph = ep.build_graph(model)
     gen = torch.Generator().manual_seed(0)
     vocab = model.cfg.d_vocab
@@ -122,8 +129,9 @@ def emit(name: str, args: argparse.Namespace, **fields: Any) -> None:
     rec = {
         "benchmark": name,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
-        "model": f"{args.preset} ({args.model_class}, random weights)",
+        "model": f"{args.model} ({args.model_class})" if args.model else f"{args.preset} ({args.model_class}, random weights)",
         "batch": f"{args.batch}x{args.seq}",
+        "dtype": args.dtype,
         "torch": torch.__version__,
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()},
     }
