@@ -33,7 +33,9 @@ outputs the engine records anyway, and the model's output projection gets no pos
 no other hook watches the hook points involved (a user's hook there sees the usual tensors). Without
 gradients the buffer is token-major, kept on the model for the next forward (on CPU a fresh one
 page-faults), and only the sources a destination needs are read (additive or subtractive form, whichever
-touches fewer). Architectures where that is not exact fall back to the
+touches fewer). On a GPU it is source-major instead, each layer's mixing one matrix product over every
+token, and every decision that depends on the weights' values is taken on a CPU copy of them, so that the
+CPU never waits for the GPU in a forward. Architectures where that is not exact fall back to the
 split-input mode.
 
 Example
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
@@ -842,12 +845,15 @@ class _Engine:
         if self.proj is not None:
             self.proj.clear()
         self.W: Tensor | None = None
+        self._Wc: Tensor | None = None  # self.W on the CPU, for decisions (see _wc)
         self.buf: Tensor | None = None
+        self.source_major = False  # no gradient, off the CPU: the buffer is [n_src, batch, pos, d_model] (see _start)
         self.groups: list[tuple[int, Tensor]] = []
         self.filled = 0
         self.inactive = False  # no destination changes in this forward: skip all work
         self.sparse = False  # no gradient needed: gather only the sources a hook uses
         self.tok_slot: Tensor | None = None  # no gradient, per position: each token's slot of W, flattened
+        self.tok_slot_c: Tensor | None = None  # the same on the CPU (for decisions)
         self.row_slots = self.slots  # per position: each batch row's token slots (circuits folded: their table)
         self.circuit_slots = 0  # per-position circuits folded into the batch: slots per circuit (W's are c*S + s)
         self.prefix_sums: dict[int, Tensor] = {}  # n -> sum of D[:n] (sparse mode, for the additive form; lazy)
@@ -859,6 +865,27 @@ class _Engine:
         self.summed: set[int] = set()  # layers whose attention output came from attn_out (not the model)
         self.mlp_skip: dict[int, Tensor | None] = {}  # layer -> per circuit, MLP output taken as ablated
         self.mlp_short: dict[int, Tensor] = {}  # layer -> the skip of an MLP that ran on fewer rows
+
+    # -- decisions on the CPU, arithmetic on the model's device -------------------------------------------
+    # Which heads to mix, project, take from the cache or skip depends on the weights' values. On a GPU,
+    # reading a value (bool(), nonzero(), an index moved with a blocking copy) waits for every kernel
+    # queued so far: hundreds of such waits per forward left the GPU idle most of the time (GPT-2 small,
+    # 32 x 128 tokens on an H100: patched / plain forward 7x). So the weights are copied to the CPU once
+    # per forward (:meth:`_wc`, nothing to copy when they are there already), every decision reads that
+    # copy, and the indices it yields go to the device without waiting (:meth:`_on`).
+    def _wc(self) -> Tensor:
+        """The forward's weights (:attr:`W`, in the model's dtype) on the CPU."""
+        if self._Wc is None:
+            assert self.W is not None
+            self._Wc = self.W.detach().cpu()
+        return self._Wc
+
+    def _on(self, t: Tensor, device: Any = None) -> Tensor:
+        """A CPU tensor (indices) on the model's device, copied without waiting for the device's queue."""
+        device = self.buf.device if device is None and self.buf is not None else device
+        if device is None or t.device == device:
+            return t
+        return t.to(device, non_blocking=True)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def hook_list(self) -> list[tuple[str, Callable]]:
@@ -961,8 +988,10 @@ class _Engine:
         self._reset()
         b, p, m = x.shape
         ab, ap = self.abl.shape[1], self.abl.shape[2]
-        W = self.weight_fn()
-        W = self.graph.expand(W).to(x.device, x.dtype)
+        W = self.graph.expand(self.weight_fn())
+        # the weights on the CPU for decisions (see _wc): the caller's where they are there, no copy back
+        host = W.detach().to(x.dtype) if W.device.type == "cpu" else None
+        W = W.to(x.device, x.dtype, non_blocking=True)
         may_fold = self.slots is None or W.ndim == 4  # circuits folded into the batch
         if (ab not in (1, b) and not (b % ab == 0 and may_fold)) or (ap not in (1, p)):
             raise EdgepatchError(
@@ -976,6 +1005,7 @@ class _Engine:
         self.n_circuits = 0
         if self.slots is not None and W.ndim == 4:
             W = self._fold_slot_circuits(W, b, p)
+            host = host.reshape(W.shape) if host is not None else None
         elif self.slots is None and W.ndim == 3:
             c = W.shape[0]
             if b % c:
@@ -1006,6 +1036,7 @@ class _Engine:
                     f"shape [{b}, {p}]; give one position slot per token (or -1 to leave a token unpatched)."
                 )
         self.W = W
+        self._Wc = host
         self.batch = b
         self.cache: dict[str, Tensor] | None = None
         if (self.proj is not None and self.abl_proj is not None and not W.requires_grad
@@ -1017,19 +1048,28 @@ class _Engine:
                 self.cache = self.abl_proj
         needs_grad = torch.is_grad_enabled() and (W.requires_grad or x.requires_grad or self.abl.requires_grad)
         if not needs_grad and self.probe is None:
-            if bool((W[..., self.g.valid.to(W.device)] == 1).all()):
+            if bool((self._wc()[..., self.g.valid] == 1).all()):
                 self.inactive = True  # all edges kept (in every slot): the plain forward, nothing to record
                 return
             self.sparse = True
             if self.row_slots is not None:
                 # per position: each token mixes with its slot's weights; an unpatched token (-1) gets a
                 # slot of ones of its own
-                slots = self.row_slots.to(W.device)
+                slots = self.row_slots.cpu()
                 if bool((slots < 0).any()):
                     self.W = W = torch.cat([W, W.new_ones(1, *W.shape[1:])])
+                    if self._Wc is not None:
+                        self._Wc = torch.cat([self._Wc, self._Wc.new_ones(1, *W.shape[1:])])
                     slots = torch.where(slots < 0, W.shape[0] - 1, slots)
-                self.tok_slot = slots.reshape(-1)
+                self.tok_slot_c = slots.reshape(-1)
+                self.tok_slot = self.tok_slot_c.to(x.device, non_blocking=True)
             self.prefix_sums[0] = x.new_zeros(b, p, m)
+            if (x.device.type != "cpu" or _SOURCE_MAJOR_ON_CPU) and self.tok_slot is None:
+                # source-major storage on a GPU: a layer's mixing is then one matrix product
+                # [h, k] @ [k, batch*pos*d_model] (see _mixed_source_major)
+                self.source_major = True
+                self.buf = x.new_empty(self.g.n_src, b, p, m)
+                return
             # token-major storage: the mixing products are then one batched product per token
             # ([h, k] @ [k, d_model]), about twice as fast on CPU as one [h, k] @ [k, batch*pos*d_model]
             self.buf = self._scratch("differences", x, (b, p, self.g.n_src, m)).permute(2, 0, 1, 3)
@@ -1124,16 +1164,16 @@ class _Engine:
             W, buf = self.W, self.buf
             if self.inactive or W is None or buf is None:
                 return None
-            idx_d = idx.to(W.device)
+            idx_d = self._on(idx)
             if self.probe is not None:
                 return _Probe.apply(x, self.probe, buf[:n], idx_d, n, self.probe_slots)
             if self.sparse:
                 partial = self.partials.pop(int(idx[0]), None)
                 if partial is not None:
-                    return self._finish_partial(x, W, idx_d, n, *partial)
-                return self._sparse_mix(x, W, buf, idx_d, n)
+                    return self._finish_partial(x, W, idx, n, *partial)
+                return self._sparse_mix(x, W, buf, idx, n)
             Wh = W[..., :n, :][..., idx_d]  # [n, h] / [C, n, h] / [slots, n, h]
-            if not Wh.requires_grad and not bool((Wh != 1).any()):
+            if not Wh.requires_grad and not bool((self._wc()[..., :n, :][..., idx] != 1).any()):
                 return None
             corr = self._dense_corr(Wh, n)
             if x.ndim == 3:
@@ -1159,15 +1199,15 @@ class _Engine:
         if layer in self.mlp_skip:
             return self.mlp_skip[layer]
         skip = None
-        W = self.W
-        if self.sparse and W is not None and layer in self.mlp_dest:
+        if self.sparse and self.W is not None and layer in self.mlp_dest:
+            W = self._wc()
             d, n = self.mlp_dest[layer]
             silent = self._unread(W, self.g.mlp_src_index(layer))  # no destination reads the output
             if self.abl_kind == "corrupt" and self.heads_add_up:
                 Wc = W if W.ndim == 3 else W.unsqueeze(0)
                 silent |= (Wc[:, :n, d] == 0).all(-1)  # the corrupted-run input: the corrupted output
-            if self.tok_slot is not None:  # per position: batch rows whose every token's slot is silent
-                silent = silent[self.tok_slot].view(self.batch, -1).all(1)
+            if self.tok_slot_c is not None:  # per position: batch rows whose every token's slot is silent
+                silent = silent[self.tok_slot_c].view(self.batch, -1).all(1)
             skip = silent if bool(silent.any()) and self._mlp_alone(layer) else None
         self.mlp_skip[layer] = skip
         return skip
@@ -1223,7 +1263,7 @@ class _Engine:
             y = x if y is None else y
             keep = (~skip).repeat_interleave(y.shape[0] // len(skip)).nonzero().flatten()  # batch rows
             lo, hi = int(keep[0]), int(keep[-1]) + 1
-            return y[lo:hi] if hi - lo == len(keep) else y.index_select(0, keep.to(y.device))
+            return y[lo:hi] if hi - lo == len(keep) else y.index_select(0, self._on(keep, y.device))
 
         return hook
 
@@ -1238,14 +1278,15 @@ class _Engine:
                 record(module, inp, out)
                 return None
             b = self.batch
-            rows = skip.repeat_interleave(b // len(skip)).to(out.device)  # batch rows the MLP did not run on
+            rows = skip.repeat_interleave(b // len(skip))  # batch rows the MLP did not run on (CPU)
             full = out.new_empty(b, *out.shape[1:])
             if out.shape[0]:
-                full.index_copy_(0, (~rows).nonzero().flatten(), out)
+                full.index_copy_(0, self._on((~rows).nonzero().flatten(), out.device), out)
             a = self.abl[src]  # [ab, ap, d_model]: a circuit's or slot's row i is prompt i % ab
             a = a.expand(a.shape[0], *out.shape[1:])
             idx = rows.nonzero().flatten()
-            full.index_copy_(0, idx, a.index_select(0, idx % a.shape[0]).to(out.dtype))
+            full.index_copy_(0, self._on(idx, out.device),
+                             a.index_select(0, self._on(idx % a.shape[0], out.device)).to(out.dtype))
             record(module, inp, full)
             return full
 
@@ -1292,17 +1333,16 @@ class _Engine:
         (see :meth:`_mlp_skipped`), so they are not computed: the ablated outputs stand in for them. Not
         where the attention output is normalized before the residual stream adds it: the residual stream
         would then change, not cancel."""
-        W = self.W
-        if W is None or not self.heads_add_up:
+        if self.W is None or not self.heads_add_up:
             return None
-        silent = self._unread(W, self.g.head_src_slice(layer)).all(0)  # [H]
+        silent = self._unread(self._wc(), self.g.head_src_slice(layer)).all(0)  # [H]
         return silent.nonzero().flatten() if bool(silent.any()) else None
 
     def _unread(self, W: Tensor, src: int | slice) -> Tensor:
         """Per circuit (``[circuits]``, or ``[circuits, sources]`` for a slice), whether no destination
-        reads the sources ``src``: every outgoing weight 0."""
+        reads the sources ``src``: every outgoing weight 0 (``W``: the weights on the CPU)."""
         Wc = W if W.ndim == 3 else W.unsqueeze(0)
-        return ((Wc[:, src] == 0) | ~self.g.valid[src].to(W.device)).all(-1)
+        return ((Wc[:, src] == 0) | ~self.g.valid[src]).all(-1)
 
     def _some_head_outputs(self, layer: int, z: Tensor, W_O: Tensor, silent: Tensor, out: Tensor | None) -> Tensor:
         """:func:`head_outputs` with the ``silent`` heads' outputs replaced by their ablated values (any
@@ -1310,13 +1350,14 @@ class _Engine:
         h, k, m = W_O.shape
         b, p = z.shape[:2]
         outs = out if out is not None else z.new_empty(h, b, p, m)
-        keep = torch.ones(h, dtype=torch.bool, device=silent.device)
+        keep = torch.ones(h, dtype=torch.bool)
         keep[silent] = False
         need = keep.nonzero().flatten()
         a = self.abl[self.g.head_src_slice(layer)]  # [H, ab, ap, m]
         for i in silent.tolist():
             _put_ablated(outs[i], a[i])
         if need.numel():
+            need = self._on(need, z.device)
             zh = z.reshape(b * p, h, k).index_select(1, need).transpose(0, 1)  # [need, b*p, d_head]
             vals = torch.bmm(zh, W_O.index_select(0, need).to(z.dtype))
             outs.view(h, b * p, m).index_copy_(0, need, vals)
@@ -1362,7 +1403,8 @@ class _Engine:
                 heads, vals, h = res
                 _check_heads(out.unflatten(-1, (-1, vals.shape[-1])) if out.ndim == 3 else out, h)
                 return (vals.flatten(-2) if out.ndim == 3 else vals).to(out.dtype)
-            return _put_heads(out, *res)
+            heads, vals, h = res
+            return _put_heads(out, self._on(heads, out.device), vals, h)
 
         return hook
 
@@ -1382,14 +1424,15 @@ class _Engine:
         assert W is not None and buf is not None and self.proj is not None
         groups, cols = self.attn_plan[layer]
         n = groups[0][2]
-        cols = cols.to(W.device)
-        Wl = W[..., :n, :][..., cols]  # [n, R] / [C, n, R] / [slots, n, R]
-        flat = Wl.reshape(-1, n, len(cols))
+        Wl = W[..., :n, :][..., self._on(cols)]  # [n, R] / [C, n, R] / [slots, n, R]
         mixed = zero_c = None  # per circuit (no gradient): the heads to mix, those fully ablated
+        # (the heads chosen here, sel and cached, are indices on the CPU: see _wc)
         if W.requires_grad:
-            sel = torch.arange(len(cols), device=W.device)  # the gradient at w = 1 is not zero
+            sel = torch.arange(len(cols))  # the gradient at w = 1 is not zero
             cached = sel[:0]
         else:
+            Wcl = self._wc()[..., :n, :][..., cols]
+            flat = Wcl.reshape(-1, n, len(cols))
             need_c = flat.ne(1).any(1)  # [circuits, heads]
             # every edge ablated: the input is the corrupted run's, so is the projection
             zero_c = flat.eq(0).all(1) if self.cache is not None else torch.zeros_like(need_c)
@@ -1400,10 +1443,10 @@ class _Engine:
         deferred = []
         Wd = None  # the deferred destinations' weights
         if self.sparse:
-            deferred = [(d, nd) for d, nd in self.deferred.get(layer, []) if bool((W[..., :nd, d] != 1).any())
-                        and not self._mlp_skipped_everywhere(layer, d)]
+            deferred = [(d, nd) for d, nd in self.deferred.get(layer, [])
+                        if bool((self._wc()[..., :nd, d] != 1).any()) and not self._mlp_skipped_everywhere(layer, d)]
             if deferred:
-                Wd = W[..., :n, :].index_select(-1, torch.tensor([d for d, _ in deferred], device=W.device))
+                Wd = W[..., :n, :].index_select(-1, self._on(torch.tensor([d for d, _ in deferred])))
         r = self.resid[layer]
         if own and self.sparse and self.n_circuits > 1 and sel.numel() and mixed is not None:
             if self.circuit_slots:  # per-position circuits: what each circuit's slots patch
@@ -1430,14 +1473,14 @@ class _Engine:
             self._clean_heads(layer, groups, torch.cat([sel, cached]), r, out)
         if sel.numel() == 0 and not deferred:
             return self._in_order(out) if layer in self.owned else out
-        Wh = Wl.index_select(-1, sel)
+        Wh = Wl.index_select(-1, self._on(sel))
         if Wd is not None:
             Wh = torch.cat([Wh, Wd], dim=-1)
         R = sel.numel()
         spans = self._spans(groups, sel)
         b, p, m = r.shape
         hw = [self._head_weights(layer, kind, h, heads) for kind, h, _, _, heads in spans]
-        if self.sparse and b * p > _CHUNK_TOKENS:
+        if self.sparse and b * p > _CHUNK_TOKENS and not self.source_major:
             projected = self._mix_project_chunked(layer, r, Wh, n, R, spans, [W for W, _ in hw], deferred)
         else:
             y = self._head_inputs(r, Wh, n)  # [b, p, R, m]
@@ -1492,7 +1535,7 @@ class _Engine:
                 self._cached_heads(layer, groups, cached, out, repeat=False)
             self._clean_heads(layer, groups, torch.cat([sel, cached]), rc, out)
             slotted = self.tok_slot is not None  # per position: every slot's weights, each token takes its own
-            Wh = (Wl if slotted else Wl[c]).index_select(-1, sel)
+            Wh = (Wl if slotted else Wl[c]).index_select(-1, self._on(sel))
             if Wd is not None:
                 Wh = torch.cat([Wh, Wd if slotted else Wd[c]], dim=-1)
             if Wh.shape[-1]:
@@ -1505,7 +1548,7 @@ class _Engine:
             pieces.append(self._in_order(out))
         for i, (d, _) in enumerate(deferred):
             self.partials[d] = (parts[i], r, n)
-        return {kind: (torch.arange(h, device=r.device), torch.cat([o[kind][1] for o in pieces]), h)
+        return {kind: (torch.arange(h), torch.cat([o[kind][1] for o in pieces]), h)
                 for kind, (_, _, h) in pieces[0].items()}
 
     def _mix_project_chunked(self, layer: int, r: Tensor, Wh: Tensor, n: int, R: int,
@@ -1534,9 +1577,10 @@ class _Engine:
         weights = [W.to(r.dtype) for W in weights]
         pieces: list[list[Tensor]] = [[] for _ in spans]
         t0, end = tokens if tokens is not None else (0, T)
+        step = _CHUNK_TOKENS if not self.source_major else T  # (a GPU takes the tokens at once)
         while t0 < end:
             c, within = divmod(t0, per)
-            t1 = min(t0 + _CHUNK_TOKENS, t0 - within + per)  # not past the circuit's last token
+            t1 = min(t0 + step, t0 - within + per)  # not past the circuit's last token
             Wc = Wh[c] if Wh.ndim == 3 and self.tok_slot is None else Wh
             y = self._mixed(flat_r[t0:t1], Wc, n, tokens=(t0, t1), scratch=True)[:, 0]  # [t, R', m]
             for i in range(len(deferred)):
@@ -1565,6 +1609,7 @@ class _Engine:
         Wk = self.proj.weight(layer, kind, h)
         bk = self.proj.bias(layer, kind, h)
         if len(heads) != h:
+            heads = self._on(heads, Wk.device)
             Wk = Wk.index_select(0, heads)
             bk = bk.index_select(0, heads) if bk is not None else None
         return Wk, bk
@@ -1584,7 +1629,7 @@ class _Engine:
                      out: dict[str, tuple[Tensor, Tensor, int]]) -> None:
         """Owned layers: the projections of the heads not in ``patched``, from the unpatched residual."""
         assert self.proj is not None
-        keep = torch.ones(sum(len(idx) for _, idx, _ in groups), dtype=torch.bool, device=patched.device)
+        keep = torch.ones(sum(len(idx) for _, idx, _ in groups), dtype=torch.bool)
         keep[patched] = False
         if not bool(keep.any()):
             return
@@ -1599,12 +1644,11 @@ class _Engine:
                 self._project_heads(layer, kind, h, heads, rn.reshape(1, b * p, m).expand(len(heads), -1, -1),
                                     (b, p), out)
 
-    @staticmethod
-    def _in_order(out: dict[str, tuple[Tensor, Tensor, int]]) -> dict[str, tuple[Tensor, Tensor, int]]:
+    def _in_order(self, out: dict[str, tuple[Tensor, Tensor, int]]) -> dict[str, tuple[Tensor, Tensor, int]]:
         """Owned layers: every kind's heads in order 0..H-1 (each kind's entry covers all its heads)."""
         for kind, (heads, vals, h) in out.items():
-            if not bool((heads == torch.arange(h, device=heads.device)).all()):
-                vals = vals.index_select(2, torch.argsort(heads))
+            if not bool((heads == torch.arange(h)).all()):
+                vals = vals.index_select(2, self._on(torch.argsort(heads), vals.device))
             out[kind] = (heads, vals, h)
         return out
 
@@ -1619,7 +1663,8 @@ class _Engine:
             heads = cols[(cols >= start) & (cols < start + h)] - start
             start += h
             if heads.numel():
-                vals = self.cache[f"{layer}{kind}"].index_select(2, heads)  # [b, p, k, d]
+                vals = self.cache[f"{layer}{kind}"]
+                vals = vals.index_select(2, self._on(heads, vals.device))  # [b, p, k, d]
                 if self.n_circuits > 1 and repeat:
                     vals = vals.repeat(self.n_circuits, 1, 1, 1)
                 out[kind] = (heads, vals, h)
@@ -1632,12 +1677,18 @@ class _Engine:
         y = x - r + partial
         if nd == n:
             return y
-        Wr = 1 - W[..., n:nd, :][..., idx[0]]  # [k] or [C, k] (or [slots, k])
-        if not bool(Wr.any()):
+        if not bool((self._wc()[..., n:nd, :][..., idx[0]] != 1).any()):
             return y
+        Wr = 1 - W[..., n:nd, :][..., int(idx[0])]  # [k] or [C, k] (or [slots, k])
+        k = nd - n
+        if self.source_major:
+            D = self.buf[n:nd].reshape(k, -1)  # type: ignore[index]  # [k, b*p*m], a view
+            if Wr.ndim == 1:
+                return y.sub_((Wr.view(1, k) @ D).view(y.shape))
+            c = Wr.shape[0]  # circuits folded into the batch: circuit i has the rows i*b/c .. (i+1)*b/c - 1
+            return y.sub_(torch.bmm(Wr.view(c, 1, k), D.view(k, c, -1).transpose(0, 1)).view(y.shape))
         store = self.buf.permute(1, 2, 0, 3)  # type: ignore[union-attr]
         b, p, _, m = store.shape
-        k = nd - n
         D = store[:, :, n:nd]
         if self.tok_slot is not None:  # each token its slot's weights
             corr = torch.bmm(Wr[self.tok_slot].view(b * p, 1, k), D.reshape(b * p, k, m)).view(b, p, m)
@@ -1678,10 +1729,10 @@ class _Engine:
         return corr.view(c, -1, b // c, p, m).permute(0, 2, 3, 1, 4).reshape(b, p, -1, m)
 
     def _sparse_mix(self, x: Tensor, W: Tensor, buf: Tensor, idx: Tensor, n: int) -> Tensor | None:
-        """A hook input's patched value without gradients (see :meth:`_sparse_rows`)."""
-        Wh = W[..., :n, :][..., idx]  # [n, h] or [C, n, h]
-        if not bool((Wh != 1).any()):
+        """A hook input's patched value without gradients (see :meth:`_sparse_rows`); ``idx`` on the CPU."""
+        if not bool((self._wc()[..., :n, :][..., idx] != 1).any()):
             return None
+        Wh = W[..., :n, :][..., self._on(idx)]  # [n, h] or [C, n, h]
         base = x
         if x.ndim == 4:
             base = x if x.shape[2] == len(idx) else x.expand(*x.shape[:2], len(idx), x.shape[3])
@@ -1696,6 +1747,8 @@ class _Engine:
         ``[b, p, h, d_model]``. No gradient. ``tokens``: only the tokens ``t0:t1`` of the flattened
         batch x pos; ``r`` is then theirs, as ``[t1 - t0, 1, ...]``. ``scratch``: the result may be the
         forward's scratch buffer "mixed" (see :meth:`_scratch`), for a caller done with it before the next."""
+        if self.source_major:
+            return self._mixed_source_major(r, Wh, n, tokens)
         h = Wh.shape[-1]
         b, p, m = r.shape[0], r.shape[1], r.shape[-1]
         rows, additive = self._sparse_rows(Wh, n)
@@ -1759,6 +1812,36 @@ class _Engine:
         y = torch.matmul(coef.unsqueeze(1), D.view(c, -1, k, m),  # [C, b/C * p, h, m]
                          out=None if out is None else out.view(c, -1, h, m)).view(b, p, h, m)
         return y if base is None else y.add_(base)
+
+    def _mixed_source_major(self, r: Tensor, Wh: Tensor, n: int, tokens: tuple[int, int] | None) -> Tensor:
+        """:meth:`_mixed` with the buffer source-major (``[n_src, batch, pos, d_model]``, on a GPU): one matrix
+        product ``(Wh - 1)^T @ D[:n]`` over all the tokens (one per circuit with circuits folded into the
+        batch), the base residual riding in it as one more source where the buffer's row ``n`` is free.
+        Every source of the prefix takes part: a GPU multiplies by zero faster than it gathers rows, and
+        the number of rows is then known without reading the weights (see :meth:`_wc`)."""
+        assert self.buf is not None
+        h, m = Wh.shape[-1], r.shape[-1]
+        D = self.buf.view(self.buf.shape[0], -1, m)  # [n_src, T, m]
+        if tokens is not None:
+            D = D[:, tokens[0] : tokens[1]]
+        t = D.shape[1]
+        coef = Wh - 1  # x_h = r + sum_s coef_sh D_s
+        base: Tensor | None = r.reshape(t, -1, m)  # [t, 1 or h, m]
+        k = n
+        if base is not None and base.shape[1] == 1 and self.filled <= n < D.shape[0]:
+            D[n].copy_(base[:, 0])  # (source n is not computed yet: its hook overwrites the row)
+            coef = torch.cat([coef, coef.new_ones(*coef.shape[:-2], 1, h)], dim=-2)
+            k, base = n + 1, None
+        Dk = D[:k].reshape(k, t * m)  # a view
+        if coef.ndim == 2:
+            y = torch.mm(coef.T, Dk).view(h, t, m).transpose(0, 1)  # [t, h, m], a view
+        else:  # circuits folded into the batch: circuit c has the tokens c*t/C .. (c+1)*t/C - 1
+            c = coef.shape[0]
+            y = torch.bmm(coef.transpose(1, 2), Dk.view(k, c, -1).transpose(0, 1))  # [C, h, t/C * m]
+            y = y.view(c, h, t // c, m).transpose(1, 2).reshape(t, h, m)
+        if base is not None:
+            y = y.add_(base)
+        return y.view(*r.shape[:2], h, m)
 
     def _gather(self, store: Tensor, rows: Tensor) -> Tensor:
         """``store[:, :, rows]`` (``store`` ``[b, p, n_src, m]``) into the forward's scratch buffer (see
@@ -1830,6 +1913,8 @@ class _Engine:
 # to ~1,500. ep.release_buffers(model) frees them at once.
 _KEEP_BYTES = 2**30
 _CHUNK_TOKENS = 128  # see _Engine._mix_project_chunked
+# The GPU's layout of the difference buffer and its products (see _Engine._start), also on the CPU: for tests
+_SOURCE_MAJOR_ON_CPU = bool(int(os.environ.get("EDGEPATCH_SOURCE_MAJOR_ON_CPU", "0") or 0))
 # _Engine._mixed on CPU: the cost of one edge's scaled addition and of copying one source or destination
 # row, in units of one source x destination product of the matrix product (GPT-2 small, 2 threads)
 _EDGE_COST = 20

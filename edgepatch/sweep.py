@@ -862,14 +862,15 @@ def _evaluate_chunk(
     """Evaluate the circuits ``chunk`` (item indices) on one batch in one forward (circuit axis folded;
     per position, weights ``[C, n_slots, n_src, n_dest]`` with the batch's ``slots``)."""
     c = len(chunk)
-    W = _circuit_weights(plan, chunk, graph, direction).to(tokens.device)
+    # (the weights stay on the CPU: patch() decides there what to compute and moves them without a wait)
+    W = _circuit_weights(plan, chunk, graph, direction)
     if slots is not None:
         slots = slots.to(tokens.device)
     elif c == 1:
         W = W[0]
     with patch(model, graph, W, abl, positions=slots):
         logits = final_logits(model, tokens.repeat(c, 1) if c > 1 else tokens, ap)
+    vals = torch.stack([metric(logits[j * b : (j + 1) * b], mdata) for j in range(c)]).double().cpu()  # one copy
     for j, i in enumerate(chunk):
-        vals = metric(logits[j * b : (j + 1) * b], mdata).double().cpu()
-        state["values"][i, sl] = vals
+        state["values"][i, sl] = vals[j]
         state["done"][i, sl] = 1

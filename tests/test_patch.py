@@ -1631,3 +1631,78 @@ def test_eap_equals_autograd_across_architectures(arch):
     want = -W.grad[g.valid]
     assert (scores[g.valid] - want).abs().max() <= 1e-4 * want.abs().max()
     ep.acdc(model, g, data, metric="logit_diff", threshold=0.01, progress=False)  # runs (no split inputs asked)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GPU's way (source-major buffer, one product per layer, decisions on the CPU), checked on the CPU
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
+@pytest.mark.parametrize("split", [True, False])
+def test_source_major_layout_matches_the_reference(case, split, monkeypatch):
+    """Off the CPU the difference buffer is source-major and every layer's mixing one matrix product (see
+    _Engine._mixed_source_major); forced here on the CPU, it must give the reference's logits for random
+    weights, sparse and dense circuits, every input ablated, and circuits folded into the batch, and
+    agree with the CPU's own layout."""
+    model = cached_model(*case)
+    g = ep.build_graph(model, split_qkv=split)
+    clean, corrupt = tokens(model, seed=41), tokens(model, seed=42)
+    abl = ep.source_activations(model, g, corrupt)
+    gen = torch.Generator().manual_seed(43)
+    cases = [torch.rand(g.n_src, g.n_dest, generator=gen), *_path_cases(g, gen)]
+    for W in cases:
+        toks = clean.repeat(W.shape[0], 1) if W.ndim == 3 else clean
+        with torch.no_grad():
+            with ep.patch(model, g, W, abl):
+                cpu_layout = model(toks)
+            with monkeypatch.context() as mp:
+                mp.setattr(patching, "_SOURCE_MAJOR_ON_CPU", True)
+                with ep.patch(model, g, W, abl):
+                    got = model(toks)
+        want = _reference_circuits(model, g, W, clean, corrupt) if W.ndim == 3 else \
+            reference_patched(model, g, W, clean, corrupt)
+        assert (got - want).abs().max() <= ATOL
+        assert (got - cpu_layout).abs().max() <= ATOL
+
+
+def test_a_device_forward_reads_no_values_of_the_device(monkeypatch):
+    """On a GPU, reading a value of a device tensor (bool(), .item(), nonzero(), a CPU tensor meeting a
+    device tensor in an operation) makes the CPU wait for every kernel queued so far; hundreds per forward
+    left the GPU idle (GPT-2 small, 32 x 128 tokens, H100: patched / plain 7x). A model on the "meta"
+    device has no values to read: a patched forward there (weights on the CPU, as sweeps pass them) must
+    run through, every decision taken on the CPU copy of the weights. (HookedTransformer: the bridge does
+    not run on "meta".)"""
+    from torch.overrides import TorchFunctionMode
+
+    requires("hooked")
+    cheap = {"size", "dim", "__get__", "is_floating_point", "numel", "stride", "data_ptr", "storage_offset",
+             "is_contiguous", "__len__", "element_size", "to", "cpu", "detach", "clone", "new_empty",
+             "new_zeros", "new_ones", "new_tensor"}
+
+    class NoMixing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") not in cheap:
+                flat = [a for a in (*args, *kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else [a])]
+                kinds = {t.device.type for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0}
+                assert not {"meta", "cpu"} <= kinds, f"a CPU tensor meets a device tensor in {func}"
+            return func(*args, **kwargs)
+
+    for preset in ("tiny", "tiny-gqa", "tiny-parallel"):
+        model = ep.random_model(preset, model_class="hooked", device="meta")
+        g = ep.build_graph(model)
+        toks = torch.zeros(4, 6, dtype=torch.long, device="meta")
+        abl = ep.source_activations(model, g, toks)
+        gen = torch.Generator().manual_seed(44)
+        for W in [torch.rand(g.n_src, g.n_dest, generator=gen), *_path_cases(g, gen)]:
+            with torch.no_grad(), NoMixing(), ep.patch(model, g, W, abl):
+                out = model(toks.repeat(W.shape[0], 1) if W.ndim == 3 else toks)
+            assert out.device.type == "meta"
+    # the check bites: decisions read from the device's copy of the weights fail here
+    model = ep.random_model("tiny", model_class="hooked", device="meta")
+    g = ep.build_graph(model)
+    toks = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    abl = ep.source_activations(model, g, toks)
+    monkeypatch.setattr(patching._Engine, "_wc", lambda self: self.W.detach())
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        with torch.no_grad(), ep.patch(model, g, torch.rand(g.n_src, g.n_dest), abl):
+            model(toks)
