@@ -393,6 +393,27 @@ def _rows_per_forward(model: Any, graph: Graph, pos: int, fast: bool, budget_mb:
     return max(1, int(budget_mb * 2**20 // row))
 
 
+def _prompt_batches(data: PromptPairs, batch_size: int, fast: bool, fits: Callable[[int], int]) -> list[slice]:
+    """Batches of at most ``batch_size`` prompts, each cut further until it fits the memory budget with one
+    circuit (``fits(pos)``: the rows that do, see :func:`_rows_per_forward`). Long prompts need it: GPT-2
+    small at 32 x 128 tokens holds 2 GB of differences per circuit (and as much of ablated activations),
+    ~5 GB over a 2 GB budget that only the number of circuits per forward used to keep."""
+    out: list[slice] = []
+    n = len(data)
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        while stop - start > 1:
+            pos = int(data.answer_pos[start:stop].max()) + 1 if fast else data.pos
+            rows = fits(pos)
+            if rows >= stop - start:
+                break
+            stop = start + max(1, rows)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------
 # The sweep
 # ------------------------------------------------------------------------------------------------------
@@ -442,7 +463,8 @@ def sweep(
     random edge orders (seeded by ``seed``) to evaluate at the same counts. ``batch_size``: prompts per
     forward; ``max_circuits_per_forward``: circuits folded into one forward (None: as many as fit in
     ``memory_budget_mb``, estimated from the engine's per-row buffers, and in about 384 tokens, beyond
-    which the engine's temporaries leave the CPU caches). ``out``: a folder for resumable
+    which the engine's temporaries leave the CPU caches). Where even one circuit of ``batch_size`` prompts
+    does not fit ``memory_budget_mb`` (long prompts), the prompts are evaluated in smaller batches. ``out``: a folder for resumable
     progress and the final result. ``progress``: a ``tqdm.auto`` bar. ``prune``: evaluate each circuit's
     connected part, as MIB does (:func:`edgepatch.prune_circuit`, applied to the kept edges); the x
     axis stays the requested counts and ``result.info["pruned_counts"]`` holds the edges left (MIB's
@@ -605,10 +627,10 @@ def sweep(
         todo = [i for i in range(len(items)) if not bool(state["done"][i, sl].all())]
         return need_base, todo
 
-    batches = [slice(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
     chunk_cap = max_circuits_per_forward
     work = []
-    for sl in batches:
+    for sl in _prompt_batches(data, batch_size, fast, lambda pos: _rows_per_forward(model, graph, pos, fast,
+                                                                                      memory_budget_mb)):
         need_base, todo = pending(sl)
         if need_base or todo:
             b = sl.stop - sl.start

@@ -158,6 +158,32 @@ def test_batched_circuits_equal_one_by_one_patching(cls, direction):
     assert r.effective_counts == counts and r.values.shape == (5, 6)
 
 
+@pytest.mark.parametrize("ablation", ["corrupt", "mean"])
+def test_prompts_are_split_to_fit_the_memory_budget(ablation, monkeypatch):
+    """Where one circuit of ``batch_size`` prompts does not fit ``memory_budget_mb`` (long prompts), the
+    prompts go in smaller batches: no forward holds more rows than fit, and the values are the reference's."""
+    model, graph, data, scores = setup(n=7)
+    counts = [1, 17, 60]
+    one_row = sweep_mod._rows_per_forward(model, graph, data.pos, True, 1.0)  # rows in 1 MB
+    budget = 3 / one_row + 1e-9  # 3 rows' worth
+    seen = []
+    original = sweep_mod._evaluate_chunk
+
+    def spy(model_, graph_, tokens, abl, metric, mdata, ap, plan, chunk, *args, **kwargs):
+        seen.append(tokens.shape[0] * len(chunk))  # rows of this forward: prompts x circuits
+        return original(model_, graph_, tokens, abl, metric, mdata, ap, plan, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", spy)
+    r = sweep(model, graph, scores, data, counts=counts, batch_size=7, ablation=ablation, memory_budget_mb=budget,
+              progress=False)
+    assert seen and max(seen) <= 3  # batches of 3 + 3 + 1 prompts (the last with up to 3 circuits)
+    ref = reference(model, graph, data, scores.circuits(counts), ablation=ablation)
+    torch.testing.assert_close(r.values, ref, atol=1e-4, rtol=0)
+    monkeypatch.setattr(sweep_mod, "_evaluate_chunk", original)
+    whole = sweep(model, graph, scores, data, counts=counts, batch_size=7, ablation=ablation, progress=False)
+    torch.testing.assert_close(r.values, whole.values, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("preset, cls, level, split", [
     ("tiny-gqa", ANY_CLASS, "edge", True),
     ("tiny-parallel", "bridge", "edge", False),
