@@ -393,23 +393,24 @@ def _rows_per_forward(model: Any, graph: Graph, pos: int, fast: bool, budget_mb:
     return max(1, int(budget_mb * 2**20 // row))
 
 
-def _prompt_batches(data: PromptPairs, batch_size: int, fast: bool, fits: Callable[[int], int]) -> list[slice]:
-    """Batches of at most ``batch_size`` prompts, each cut further until it fits the memory budget with one
-    circuit (``fits(pos)``: the rows that do, see :func:`_rows_per_forward`). Long prompts need it: GPT-2
-    small at 32 x 128 tokens holds 2 GB of differences per circuit (and as much of ablated activations),
-    ~5 GB over a 2 GB budget that only the number of circuits per forward used to keep."""
-    out: list[slice] = []
-    n = len(data)
+def _prompt_batches(n: int, batch_size: int, pos_of: Callable[[slice], int],
+                    fits: Callable[[int], int]) -> list[tuple[slice, int, int]]:
+    """``(prompts, pos, rows)``: batches of at most ``batch_size`` of the ``n`` prompts, each cut further
+    until one circuit of it fits the memory budget (``pos_of(prompts)``: the positions a forward runs;
+    ``fits(pos)``: the rows that fit, see :func:`_rows_per_forward`). Long prompts need it: GPT-2 small at
+    32 x 128 tokens holds 2 GB of differences per circuit (and as much of ablated activations), ~5 GB over
+    a 2 GB budget that only the number of circuits per forward used to keep."""
+    out: list[tuple[slice, int, int]] = []
     start = 0
     while start < n:
         stop = min(start + batch_size, n)
-        while stop - start > 1:
-            pos = int(data.answer_pos[start:stop].max()) + 1 if fast else data.pos
+        while True:
+            pos = pos_of(slice(start, stop))
             rows = fits(pos)
-            if rows >= stop - start:
+            if rows >= stop - start or stop - start == 1:
                 break
             stop = start + max(1, rows)
-        out.append(slice(start, stop))
+        out.append((slice(start, stop), pos, rows))
         start = stop
     return out
 
@@ -464,8 +465,8 @@ def sweep(
     forward; ``max_circuits_per_forward``: circuits folded into one forward (None: as many as fit in
     ``memory_budget_mb``, estimated from the engine's per-row buffers, and in about 384 tokens, beyond
     which the engine's temporaries leave the CPU caches). Where even one circuit of ``batch_size`` prompts
-    does not fit ``memory_budget_mb`` (long prompts), the prompts are evaluated in smaller batches. ``out``: a folder for resumable
-    progress and the final result. ``progress``: a ``tqdm.auto`` bar. ``prune``: evaluate each circuit's
+    does not fit ``memory_budget_mb`` (long prompts), the prompts are evaluated in smaller batches.
+    ``out``: a folder for resumable progress and the final result. ``progress``: a ``tqdm.auto`` bar. ``prune``: evaluate each circuit's
     connected part, as MIB does (:func:`edgepatch.prune_circuit`, applied to the kept edges); the x
     axis stays the requested counts and ``result.info["pruned_counts"]`` holds the edges left (MIB's
     ``weighted_edge_counts``). With the corrupted-run ablation the values are the same either way.
@@ -629,13 +630,14 @@ def sweep(
 
     chunk_cap = max_circuits_per_forward
     work = []
-    for sl in _prompt_batches(data, batch_size, fast, lambda pos: _rows_per_forward(model, graph, pos, fast,
-                                                                                      memory_budget_mb)):
+    batches = _prompt_batches(len(data), batch_size,
+                              lambda sl: int(data.answer_pos[sl].max()) + 1 if fast else data.pos,
+                              lambda pos: _rows_per_forward(model, graph, pos, fast, memory_budget_mb))
+    for sl, pos, fit in batches:
         need_base, todo = pending(sl)
         if need_base or todo:
             b = sl.stop - sl.start
-            pos = int(data.answer_pos[sl].max()) + 1 if fast else data.pos
-            rows = min(_rows_per_forward(model, graph, pos, fast, memory_budget_mb), max(b, _TOKENS_PER_FORWARD // pos))
+            rows = min(fit, max(b, _TOKENS_PER_FORWARD // pos))
             cap = chunk_cap or max(1, rows // b)
             chunks = [todo[i : i + cap] for i in range(0, len(todo), cap)]
             work.append((sl, pos, chunks))
