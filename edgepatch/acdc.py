@@ -57,6 +57,15 @@ runs); forwards are about ``n_mispredicted + n_tested / C``. Whatever the predic
 the same (up to floating-point differences between a batched and an unbatched forward, ~1e-7 relative,
 which only matter for a change within that distance of the threshold).
 
+Per position (``positions=``, as in :func:`~edgepatch.attribution.eap`)
+------------------------------------------------------------------------
+The units are (position slot, edge) pairs: ``[n_slots, n_src, n_dest]`` circuits, patched with the
+prompts' slots (tokens in no slot keep every edge). The visiting order is the one above with each edge's
+slots in slot order (``0``, ``1``, ...) where the edge stands. A destination is searched while its node
+reaches the logits through an edge kept in *some* slot: a head's input at one position reaches its
+output at later positions too (through keys and values), so the union is what can be pruned safely.
+Where some token is in no slot (those keep every edge), every destination is searched.
+
 A block may span several destinations. Connectivity (the pruning above) is checked when the commit walk
 reaches a destination, on the real circuit, as sequentially; the block builder checks it on its predicted
 circuit, which is the real one whenever the block's results up to there are committed. ``info`` reports
@@ -82,6 +91,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from edgepatch.attribution import batches as data_batches
+from edgepatch.attribution import position_slots
 from edgepatch.baselines import (
     _ablation_kind,
     _batches_with_ablation,
@@ -98,7 +109,7 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph, dest_owners
 from edgepatch.patching import Ablation, _check_graph, engine_flags, patch
-from edgepatch.progress import resumable, run_fingerprint
+from edgepatch.progress import positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["acdc", "visiting_order", "dest_owners"]
@@ -146,10 +157,13 @@ def _connected_dests(circuit: Tensor, owners: list[list[int]], graph: Graph) -> 
 # ------------------------------------------------------------------------------------------------------
 class _CircuitEvaluator:
     """``evaluate(W [C, n_src, n_dest]) -> [C]``: the mean metric over all prompts of each circuit, with
-    the circuits folded into the batch (one forward per prompt batch)."""
+    the circuits folded into the batch (one forward per prompt batch). Per position, ``W`` is ``[C, n_slots,
+    n_src, n_dest]`` and ``slots`` holds each batch's ``[batch, pos]`` slot table."""
 
-    def __init__(self, model: Any, graph: Graph, batches: list[tuple[PromptPairs, Ablation, Any]]):
+    def __init__(self, model: Any, graph: Graph, batches: list[tuple[PromptPairs, Ablation, Any]],
+                 slots: list[Tensor | None] | None = None):
         self.model, self.graph, self.batches = model, graph, batches
+        self.slots = slots if slots is not None else [None] * len(batches)
         self.n_prompts = sum(b.batch for b, _, _ in batches)
         self.device = _model_device_dtype(model)[0]
         self.n_forwards = 0
@@ -173,8 +187,8 @@ class _CircuitEvaluator:
             total += self._score(logits, batch, metric, c)
             self.n_forwards += 1
         else:
-            for batch, abl, metric in self.batches:
-                with patch(self.model, self.graph, W, abl):
+            for (batch, abl, metric), table in zip(self.batches, self.slots):
+                with patch(self.model, self.graph, W, abl, positions=table):
                     logits = self.model(batch.clean.to(self.device).repeat(c, 1))
                 total += self._score(logits, batch, metric, c)
                 self.n_forwards += 1
@@ -185,7 +199,7 @@ class _CircuitEvaluator:
     def __enter__(self) -> "_CircuitEvaluator":
         if len(self.batches) == 1:
             _, abl, _ = self.batches[0]
-            self._held = patch(self.model, self.graph, lambda: self._W, abl)
+            self._held = patch(self.model, self.graph, lambda: self._W, abl, positions=self.slots[0])
             self._held.__enter__()
         return self
 
@@ -212,6 +226,8 @@ def acdc(
     speculate: str = "adaptive",
     progress: bool = True,
     out: "str | os.PathLike | None" = None,
+    positions: Any = None,
+    slot_names: Any = None,
 ) -> EdgeScores:
     """Run ACDC (see the module docstring) and return its scores and final circuit.
 
@@ -227,11 +243,16 @@ def acdc(
     per forward (each forward holds ``batch_candidates * batch_size`` rows). ``out``: a folder for
     resumable progress (as in :func:`edgepatch.sweep`): the search state is written every few seconds,
     and the same call again continues from it, with the same result as an uninterrupted run.
+    ``positions``, ``slot_names``: search (position slot, edge) pairs instead of edges (see the module
+    docstring): ``"absolute"``, ``"named"`` or a ``[n_prompts, pos]`` tensor of slots, as in
+    :func:`~edgepatch.attribution.eap`. Every slot multiplies the edges to test; named slots (IOI's six)
+    keep that affordable.
 
     Returns :class:`~edgepatch.scores.EdgeScores`: ``scores`` = ``metric(without edge) - metric(current)``
     measured when the edge was tested (0 for untested edges of disconnected destinations), ``circuit_mask``
     = the final circuit, ``info`` = threshold, forwards used, forwards sequential ACDC would need, the
-    ``tested`` mask and the metric of the final circuit.
+    ``tested`` mask and the metric of the final circuit. Per position all of them are ``[n_slots, n_src,
+    n_dest]``, with the slot names in ``slots``.
 
     >>> from edgepatch.models import random_model
     >>> from edgepatch.graph import build_graph
@@ -257,19 +278,34 @@ def acdc(
         absolute = not kl
     sign = 1.0 if not getattr(metric_fn, "higher_is_better", True) else -1.0  # "damage" direction
 
+    slots, names = position_slots(positions, data, slot_names)
+    n_slots = 1 if names is None else len(names)
     order = visiting_order(graph)
     owners = dest_owners(graph)
-    # flat visiting list: (dest, src) and where each destination's run of edges ends
-    flat: list[tuple[int, int]] = [(d, s) for d, srcs in order for s in srcs]
+    # flat visiting list: (dest, src, slot) and where each destination's run of units ends
+    flat: list[tuple[int, int, int]] = [(d, s, t) for d, srcs in order for s in srcs for t in range(n_slots)]
     dest_end: dict[int, int] = {}
     pos = 0
     for d, srcs in order:
-        pos += len(srcs)
+        pos += len(srcs) * n_slots
         dest_end[d] = pos
 
-    circuit = graph.valid.clone().float()  # current circuit (1 = kept)
-    scores = torch.zeros(graph.n_src, graph.n_dest)
-    tested = torch.zeros(graph.n_src, graph.n_dest, dtype=torch.bool)
+    # the current circuit (1 = kept), [n_slots, n_src, n_dest] (one slot without positions: squeezed at the end)
+    valid = graph.valid.expand(n_slots, *graph.valid.shape)
+    circuit = valid.clone().float()
+    scores = torch.zeros(valid.shape)
+    tested = torch.zeros(valid.shape, dtype=torch.bool)
+
+    # Per position, a node reaches the logits through an edge kept in any slot; and through every edge where
+    # some token is in no slot (those tokens keep every edge, and a head carries its inputs at a slot's
+    # tokens to its outputs at later tokens): nothing is pruned then.
+    everything = slots is not None and bool((slots < 0).any())
+
+    def connected(c: Tensor) -> Tensor:
+        if everything:
+            return torch.ones(graph.n_dest, dtype=torch.bool)
+        return _connected_dests(c.amax(0), owners, graph)
+
     skipped: list[int] = []
     stale: dict[int, bool] = {}  # flat index -> "removed" according to an invalidated evaluation
     n_blocks = n_mispredicted = 0
@@ -286,19 +322,25 @@ def acdc(
         return stale.get(i, last_removed)
 
     # the search state at block boundaries, which decides the rest of the search (and what `out` keeps)
-    state = {"circuit": circuit, "scores": scores, "tested": tested.to(torch.uint8),
+    # (saved as [n_src, n_dest] without positions, the shape earlier versions' progress files have)
+    def saved(t: Tensor) -> Tensor:
+        return t if names is not None else t[0]
+
+    state = {"circuit": saved(circuit), "scores": saved(scores), "tested": saved(tested).to(torch.uint8),
              "skipped": torch.zeros(graph.n_dest, dtype=torch.uint8),
              "scalars": torch.tensor([0, -1, math.nan, math.nan, 0, 0, 0, 0], dtype=torch.float64)}
     save = resumable(out, state, "ACDC search", lambda: run_fingerprint(
         model, graph, data, ablation, metric=metric_name, threshold=threshold, absolute=absolute,
-        batch_size=batch_size, batch_candidates=batch_candidates, speculate=speculate))
-    circuit, scores, tested = state["circuit"], state["scores"], state["tested"].bool()
+        batch_size=batch_size, batch_candidates=batch_candidates, speculate=speculate,
+        positions=positions_id(slots, names)))
+    circuit, scores, tested = (state[k].view(valid.shape) for k in ("circuit", "scores", "tested"))
+    tested = tested.bool()
     skipped = [d for d in range(graph.n_dest - 1, -1, -1) if state["skipped"][d]]  # (visiting order)
     ptr_, checked_, current_, initial_, last_, n_blocks, n_mispredicted, forwards_before = state["scalars"].tolist()
     last_removed = bool(last_)
 
     def checkpoint() -> None:
-        state.update(circuit=circuit, scores=scores, tested=tested.to(torch.uint8))
+        state.update(circuit=saved(circuit), scores=saved(scores), tested=saved(tested).to(torch.uint8))
         state["skipped"].zero_()
         state["skipped"][skipped] = 1
         state["scalars"] = torch.tensor([ptr, checked_dest, current, initial, last_removed, n_blocks, n_mispredicted,
@@ -308,13 +350,16 @@ def acdc(
     with _eval_mode(model), engine_flags(model), torch.no_grad():
         batches = [(b, a, _prepared_metric(model, metric_fn, b))
                    for b, a in _batches_with_ablation(model, graph, data, ablation, batch_size)]
-        with _CircuitEvaluator(model, graph, batches) as ev:
+        device = _model_device_dtype(model)[0]
+        tables = None if slots is None else [slots[sl].to(device) for sl, _ in data_batches(data, batch_size)]
+        with _CircuitEvaluator(model, graph, batches, tables) as ev:
             if math.isnan(current_):  # a new search (else resumed from `out`)
-                current_ = initial_ = float(ev.evaluate(circuit[None])[0])
+                current_ = initial_ = float(ev.evaluate(circuit[None] if names is not None else circuit)[0])
             current, initial = current_, initial_
             ptr = int(ptr_)
             checked_dest = int(checked_)  # the destination whose connectivity the commit walk checked last
-            bar = _progress(progress, len(flat), f"ACDC ({graph.n_edges:,} edges)")
+            bar = _progress(progress, len(flat), f"ACDC ({graph.n_edges:,} edges)" if names is None else
+                            f"ACDC ({graph.n_edges:,} edges x {n_slots} position slots)")
             bar.update(ptr)
             while ptr < len(flat):
                 # -- build a block: the next C candidates along the predicted path of decisions
@@ -324,19 +369,19 @@ def acdc(
                 rows: list[Tensor] = []  # the circuit evaluated for each candidate
                 i, prev_dest = ptr, checked_dest
                 while i < len(flat) and len(block) < batch_candidates:
-                    d, src = flat[i]
+                    d, src, t = flat[i]
                     if d != prev_dest:
                         prev_dest = d
-                        if not bool(_connected_dests(path, owners, graph)[d]):
+                        if not bool(connected(path)[d]):
                             i = dest_end[d]
                             continue
                     removed = predict(i)
                     block.append((i, removed, baseline))
                     row = path.clone()
-                    row[src, d] = 0.0
-                    rows.append(row)
+                    row[t, src, d] = 0.0
+                    rows.append(row if names is not None else row[0])
                     if removed:
-                        path[src, d] = 0.0
+                        path[t, src, d] = 0.0
                         baseline = len(block) - 1
                     i += 1
                 values: list[float] = []
@@ -348,10 +393,10 @@ def acdc(
                 # -- commit in visiting order while the predictions come true
                 start = ptr
                 while ptr < len(flat):
-                    d, src = flat[ptr]
+                    d, src, t = flat[ptr]
                     if d != checked_dest:
                         checked_dest = d
-                        if not bool(_connected_dests(circuit, owners, graph)[d]):
+                        if not bool(connected(circuit)[d]):
                             skipped.append(d)
                             ptr = dest_end[d]
                             continue
@@ -359,12 +404,12 @@ def acdc(
                         break
                     c, predicted = results.pop(ptr)
                     change = values[c] - current
-                    scores[src, d] = change
-                    tested[src, d] = True
+                    scores[t, src, d] = change
+                    tested[t, src, d] = True
                     last_removed = remove_rule(change)
                     ptr += 1
                     if last_removed:
-                        circuit[src, d] = 0.0
+                        circuit[t, src, d] = 0.0
                         current = values[c]
                     if last_removed != predicted:
                         n_mispredicted += 1
@@ -378,13 +423,15 @@ def acdc(
                 bar.update(ptr - start)
                 checkpoint()
             bar.close()
-            final_circuit = circuit.bool() & graph.valid
+            final_circuit = circuit.bool() & valid
             for d in skipped:
-                final_circuit[:, d] = False
+                final_circuit[..., d] = False
             n_forwards_search = int(forwards_before) + ev.n_forwards
             checkpoint()
             save(final=True)
 
+    if names is None:  # edges: [n_src, n_dest]
+        scores, tested, final_circuit = scores[0], tested[0], final_circuit[0]
     n_tested = int(tested.sum())
     n_batches = len(batches)
     info = {
@@ -405,4 +452,5 @@ def acdc(
         "metric_final": current,
         "order": "destinations from logits backwards (reverse dest_names), sources most recent first",
     }
-    return EdgeScores(scores, graph, method="acdc", metric=metric_name, info=info, circuit_mask=final_circuit)
+    return EdgeScores(scores, graph, method="acdc", metric=metric_name, info=info, circuit_mask=final_circuit,
+                      slots=names)

@@ -17,8 +17,8 @@ that holds one circuit and no ranking (MIB's ``in_graph`` alone) is evaluated at
 star) beside the curves, and a table of its own. Interrupt with Ctrl-C and run the same command again to
 continue where it stopped (``--no-resume`` starts over): saved scores are not recomputed, and sweeps and
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
-their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, learned
-masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
+their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, ACDC,
+learned masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
 ``_pos-named``, so edge and per-position runs share a folder.
 """
 
@@ -38,7 +38,7 @@ METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "a
            "activation-magnitude")
 # methods that keep their progress in the run's folder (random and activation-magnitude take seconds)
 RESUMING = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned")
-POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "learned")  # --positions
+POSITION_METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact", "acdc", "learned")  # --positions
 
 
 class CliError(Exception):
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--joint-qkv", action="store_true", help="one destination per head instead of q/k/v")
         sp.add_argument("--positions", default=None, choices=["absolute", "named"],
                         help="per-position circuits of (position slot, edge) pairs: one slot per token index, or "
-                             "the task's named positions (ioi: IO, S1, S1+1, S2, END, other); EAP, EAP-IG and exact only")
+                             "the task's named positions (ioi: IO, S1, S1+1, S2, END, other); not for the baselines")
         sp.add_argument("--prune", action="store_true",
                         help="evaluate each circuit's connected part, as MIB does (edgepatch.prune_circuit)")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")

@@ -714,7 +714,8 @@ def evaluate_circuit(
     ``circuit``: edge names (or one name), a ``[n_src, n_dest]`` mask (bool, or 0 / 1), or ``EdgeScores``
     with a ``circuit_mask`` (ACDC's, learned masks', an imported MIB circuit's); or a per-position circuit,
     a ``[n_slots, n_src, n_dest]`` mask of (slot, edge) pairs (e.g. ``scores.circuit(k)`` of per-position
-    scores) with ``positions=`` as :func:`sweep` takes it. ``metric``, ``ablation`` and ``options``
+    scores, or per-position ACDC's or learned masks' scores with their ``circuit_mask``) with ``positions=``
+    as :func:`sweep` takes it. ``metric``, ``ablation`` and ``options``
     (``batch_size``, ``random_baseline``, ``seed``, ``prune``, ``out``, ``progress`` (default False here),
     ``memory_budget_mb``, ``max_circuits_per_forward``) are :func:`sweep`'s. Returns a :class:`SweepResult` of
     one count (the circuit's edges, or pairs), named ``name``: ``result.normalized[0]`` is the normalized
@@ -737,6 +738,10 @@ def evaluate_circuit(
             )
     options.setdefault("progress", False)
     positions = options.get("positions")
+    slot_names = None  # the slots a per-position method named (its scores' circuit_mask)
+    if isinstance(circuit, EdgeScores) and circuit.per_position:
+        _check_scores(circuit, graph)
+        slot_names, circuit = circuit.slots, _scores_circuit(circuit)
     if isinstance(circuit, Tensor) and circuit.dim() == 3:  # (slot, edge) pairs
         from edgepatch.attribution import position_slots
 
@@ -745,13 +750,18 @@ def evaluate_circuit(
                 f"evaluate_circuit: a [n_slots, n_src, n_dest] circuit {shape_str(circuit.shape)} is per position; "
                 f"give positions= ('absolute', 'named' or the [n_prompts, pos] slot tensor) as for ep.sweep."
             )
-        given = range(circuit.shape[0]) if isinstance(positions, Tensor) else None
+        given = (slot_names or range(circuit.shape[0])) if isinstance(positions, Tensor) else None
         _, names = position_slots(positions, data, given)
         if circuit.shape[0] != len(names or ()):
             raise EdgepatchError(
                 f"evaluate_circuit: the circuit has {circuit.shape[0]} slots but positions={positions!r} gives "
                 f"{len(names or ())} for this data ({list(names or ())[:8]}); build the circuit from scores with these "
                 f"positions."
+            )
+        if slot_names is not None and tuple(names or ()) != tuple(slot_names):
+            raise EdgepatchError(
+                f"evaluate_circuit: the circuit's slots are {list(slot_names)[:8]} but positions={positions!r} "
+                f"gives {list(names or ())[:8]} for this data; give the positions the circuit was found with."
             )
         mask = torch.stack([_as_circuit_mask(c, graph) for c in circuit])
         scores = EdgeScores(mask.float(), graph, method=str(name), slots=names)
@@ -768,19 +778,22 @@ def evaluate_circuit(
                  direction=direction, by="signed", ties="break", **options)
 
 
+def _scores_circuit(scores: EdgeScores) -> Tensor:
+    """The circuit a method's scores hold (``circuit_mask``), or an error that says how to pick one."""
+    if scores.circuit_mask is None:
+        raise EdgepatchError(
+            f"evaluate_circuit: these {scores.method} scores hold no circuit (circuit_mask is None); pick one, "
+            f"e.g. scores.circuit(100) for the top 100 {'(slot, edge) pairs' if scores.per_position else 'edges'}, "
+            f"or sweep the ranking with ep.sweep."
+        )
+    return scores.circuit_mask
+
+
 def _as_circuit_mask(circuit: Any, graph: Graph) -> Tensor:
     """A circuit given as edge names, a 0 / 1 or bool mask, or EdgeScores with a circuit_mask: its bool mask."""
     if isinstance(circuit, EdgeScores):
-        if circuit.circuit_mask is None:
-            raise EdgepatchError(
-                f"evaluate_circuit: these {circuit.method} scores hold no circuit (circuit_mask is None); pick one, "
-                f"e.g. scores.circuit(100) for the top 100 edges, or sweep the ranking with ep.sweep."
-            )
-        if circuit.per_position:
-            raise EdgepatchError("evaluate_circuit: per-position circuits are evaluated with ep.sweep(..., "
-                                 "positions=...); give an edge circuit here.")
         _check_scores(circuit, graph)
-        circuit = circuit.circuit_mask
+        circuit = _scores_circuit(circuit)
     if isinstance(circuit, Tensor):
         graph.check_shape(circuit, "circuit")
         t = circuit.detach().cpu()

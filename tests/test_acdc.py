@@ -220,6 +220,135 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, da
 
 
 # ------------------------------------------------------------------------------------------------------
+# Per position: (slot, edge) pairs
+# ------------------------------------------------------------------------------------------------------
+def reference_acdc_per_position(model, graph, data, slots, n_slots: int, threshold: float):
+    """Sequential ACDC over (slot, edge) pairs, one pair per forward through the public patch(positions=...):
+    ACDC's edge order with each edge's slots in slot order; a destination is searched while its node
+    reaches the logits through an edge kept in some slot, or in a token in no slot (which keeps every
+    edge). logit_diff, |change| < threshold removes."""
+    abl = ep.source_activations(model, graph, data.corrupt)
+    weights = [graph.valid.float().expand(n_slots, -1, -1).clone()]
+
+    def measure(W):
+        weights[0] = W
+        with torch.no_grad():
+            return float(logit_diff(model(data.clean), data).double().mean())
+
+    with ep.patch(model, graph, lambda: weights[0], abl, positions=slots):
+        W = weights[0].clone()
+        current = measure(W)
+        tested = torch.zeros(W.shape, dtype=torch.bool)
+        changes = torch.zeros(W.shape)
+        dead = []
+        for d in reversed(range(graph.n_dest)):
+            dest = graph.dest_names[d]
+            union = graph.valid.float() if bool((slots < 0).any()) else W.amax(0)
+            if dest != "logits" and not any(_reaches_logits(graph, union, o) for o in _node_sources(graph, dest)):
+                dead.append(d)
+                continue
+            for s in reversed(range(int(graph.n_pred[d]))):
+                for t in range(n_slots):
+                    W2 = W.clone()
+                    W2[t, s, d] = 0
+                    value = measure(W2)
+                    tested[t, s, d] = True
+                    changes[t, s, d] = value - current
+                    if abs(value - current) < threshold:
+                        W, current = W2, value
+        for d in dead:
+            W[..., d] = 0
+    return W.bool() & graph.valid, tested, changes
+
+
+@pytest.mark.parametrize("cls,unslotted", [("hooked", True), ("bridge", True), (ANY_CLASS, False)])
+def test_per_position_acdc_equals_a_sequential_reference(cls, unslotted, data):
+    """Two slots, with tokens in none (which keep every edge) or without: the batched search over (slot,
+    edge) pairs makes the sequential reference's decisions, for every block size and speculation."""
+    model = _model("tiny", cls)
+    graph = ep.build_graph(model)
+    n, pos = data.clean.shape
+    slots = torch.zeros((n, pos), dtype=torch.long)
+    slots[:, -1] = 1  # the answer position
+    if unslotted:
+        slots[:, [0, -2]] = -1  # the first token and the one before the answer in no slot
+    threshold = {"hooked": 0.05, "bridge": 2e-3}[cls]
+    ref_circuit, ref_tested, ref_changes = reference_acdc_per_position(model, graph, data, slots, 2, threshold)
+    assert 0 < int(ref_circuit.sum()) < 2 * graph.n_edges  # neither end: the comparisons below can fail
+    assert bool((ref_circuit[0] != ref_circuit[1]).any())  # the slots' circuits differ
+    before = snapshot(model)
+    for C, speculate in [(16, "adaptive"), (1, "adaptive"), (5, "keep")]:
+        result = acdc(model, graph, data, "logit_diff", threshold=threshold, positions=slots, slot_names=["rest", "END"],
+                      batch_candidates=C, speculate=speculate, batch_size=4 if C == 1 else 64, progress=False)
+        assert result.per_position and result.slots == ("rest", "END")
+        assert torch.equal(result.circuit_mask, ref_circuit), (C, speculate)
+        assert torch.equal(result.info["tested"], ref_tested)
+        got = result.scores.nan_to_num(0)
+        assert torch.allclose(got[ref_tested], ref_changes[ref_tested], atol=1e-5, rtol=1e-4)
+        assert result.info["n_forwards_sequential"] == (1 + int(ref_tested.sum())) * (2 if C == 1 else 1)
+        assert bool(result.info["skipped_dests"]) != unslotted  # (pruning happens, where it may)
+    assert_same_state(before, snapshot(model))
+    # the circuit evaluates as it was measured: its metric is the search's last value
+    sw = ep.evaluate_circuit(model, graph, result, data, metric="logit_diff", positions=slots)
+    assert float(sw.mean[0]) == pytest.approx(result.info["metric_final"], abs=1e-5)
+
+
+def test_one_slot_over_every_token_is_edge_acdc(data):
+    model = _model("tiny", ANY_CLASS)
+    graph = ep.build_graph(model)
+    threshold = {"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS]
+    edges = acdc(model, graph, data, "logit_diff", threshold=threshold, progress=False)
+    one = acdc(model, graph, data, "logit_diff", threshold=threshold, progress=False,
+               positions=torch.zeros(data.clean.shape, dtype=torch.long))
+    assert one.scores.shape == (1, graph.n_src, graph.n_dest) and not edges.per_position
+    assert 0 < int(edges.circuit_mask.sum()) < graph.n_edges
+    assert torch.equal(one.circuit_mask[0], edges.circuit_mask)
+    assert torch.equal(one.info["tested"][0], edges.info["tested"])
+    assert torch.allclose(one.scores[0], edges.scores, atol=1e-6, equal_nan=True)
+    assert one.info["n_forwards"] == edges.info["n_forwards"]
+
+
+def test_per_position_search_resumes_and_edge_progress_keeps_its_shape(tmp_path, monkeypatch, data):
+    """A per-position search interrupted mid-way resumes to the uninterrupted result. An edge search's
+    progress file keeps the [n_src, n_dest] tensors of earlier versions, so their files still resume."""
+    import sys
+
+    from safetensors import safe_open
+
+    acdc_mod = sys.modules["edgepatch.acdc"]
+    from edgepatch import progress
+    model = _model("tiny", ANY_CLASS)
+    graph = ep.build_graph(model)
+    opts = dict(threshold={"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS], batch_candidates=8, progress=False,
+                positions="absolute")
+    full = acdc(model, graph, data, "logit_diff", **opts)
+    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
+    real = acdc_mod._CircuitEvaluator.evaluate
+    calls = []
+
+    def interrupt(self, W):
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, W)
+
+    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **opts)
+    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", real)
+    resumed = acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **opts)
+    assert torch.equal(resumed.circuit_mask, full.circuit_mask)
+    assert torch.allclose(resumed.scores, full.scores, atol=1e-6, rtol=0, equal_nan=True)
+    assert resumed.info["n_forwards"] == full.info["n_forwards"]
+    with pytest.raises(EdgepatchError, match="different settings"):  # the same folder for an edge search
+        acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **{**opts, "positions": None})
+    acdc(model, graph, data, "logit_diff", out=tmp_path / "edges", **{**opts, "positions": None})
+    with safe_open(str(tmp_path / "edges" / "progress.safetensors"), framework="pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in ("circuit", "scores", "tested")} == \
+            dict.fromkeys(("circuit", "scores", "tested"), tuple(graph.valid.shape))
+
+
+# ------------------------------------------------------------------------------------------------------
 # Threshold extremes
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", ["hooked", "bridge"])

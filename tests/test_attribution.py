@@ -411,8 +411,8 @@ def test_per_position_scores_rank_slot_edge_pairs():
         eap(model, g, data, positions=slots[:, :3], progress=False)
     with pytest.raises(EdgepatchError, match="slot_names must give one distinct name per slot"):
         eap(model, g, data, positions=slots, slot_names=["only one"], progress=False)
-    with pytest.raises(EdgepatchError, match="method='acdc' has no option 'positions'"):
-        attribute(model, g, data, method="acdc", positions=slots)
+    with pytest.raises(EdgepatchError, match="method='activation-magnitude' has no option 'positions'"):
+        attribute(model, g, data, method="activation-magnitude", positions=slots)
     with pytest.raises(EdgepatchError, match=r"positions='named' takes each token's slot from the data .* does not "
                                              r"have; tasks.ioi names IO, S1, S1\+1, S2 and END"):
         eap(model, g, data, positions="named", progress=False)

@@ -274,7 +274,7 @@ def test_random_models_run_the_tasks_their_vocabulary_allows(tmp_path, model_cla
 @pytest.mark.parametrize("argv, message", [
     (["sweep", "--counts", "10,1o0"], r"--counts '10,1o0': '1o0' is not a number; give comma-separated"),
     (["sweep", "--counts", "loog"], r"unknown counts 'loog'; expected one of .* Did you mean 'log'"),
-    (["sweep", "--method", "acdc", "--positions", "absolute"], "--positions scores .* which acdc cannot; use eap"),
+    (["sweep", "--method", "random", "--positions", "absolute"], "--positions scores .* which random cannot; use eap"),
     (["sweep", "--method", "eap", "--positions", "named", "--task", "sva"], "only the ioi task names its positions"),
     (["sweep", "--method", "eap", "--positions", "absolute", "--prune"], "--prune: MIB's pruning"),
     (["sweep", "--method", "eapp"], "unknown method 'eapp'; expected one of .* Did you mean 'eap'"),

@@ -612,6 +612,15 @@ def test_evaluate_circuit_per_position():
         ep.evaluate_circuit(model, graph, mask[:2], data, positions="absolute")
     with pytest.raises(EdgepatchError, match=r"positions= goes with a per-position circuit"):
         ep.evaluate_circuit(model, graph, mask[0], data, positions="absolute")
+    # a per-position method's scores with its circuit (ACDC's, learned masks'): the circuit, its slots checked
+    named = tuple(f"t{i}" for i in range(n_slots))
+    found = EdgeScores(torch.randn(mask.shape, generator=gen), graph, slots=named, circuit_mask=mask)
+    by_scores = ep.evaluate_circuit(model, graph, found, data, positions=slots, batch_size=4)
+    torch.testing.assert_close(by_scores.values, r.values, atol=1e-6, rtol=0)
+    with pytest.raises(EdgepatchError, match=r"circuit's slots are \['t0', .* but positions='absolute' gives \['0', "):
+        ep.evaluate_circuit(model, graph, found, data, positions="absolute")
+    with pytest.raises(EdgepatchError, match=r"scores hold no circuit .* top 100 \(slot, edge\) pairs"):
+        ep.evaluate_circuit(model, graph, EdgeScores(found.scores, graph, slots=named), data, positions=slots)
 
 
 def test_evaluate_circuit_bad_input():
