@@ -19,7 +19,9 @@ continue where it stopped (``--no-resume`` starts over): saved scores are not re
 the scoring of every method but the two quick baselines (``random``, ``activation-magnitude``) resume from
 their progress files (``<method>/``). With ``--positions absolute|named`` (EAP, EAP-IG, exact, ACDC,
 learned masks), circuits are (position slot, edge) pairs and every file name ends in ``_pos-absolute`` or
-``_pos-named``, so edge and per-position runs share a folder.
+``_pos-named``, so edge and per-position runs share a folder; ``file:PATH`` then takes edgepatch's
+per-position scores (``scores_<method>_pos-named.safetensors``, or ``ep.io.save_scores``) computed with the
+same positions.
 """
 
 from __future__ import annotations
@@ -132,11 +134,12 @@ def _label(method: str) -> str:
     return "file-" + ("".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or "scores")
 
 
-def _file_scores(method: str, graph: Any) -> tuple[Any, int | None]:
+def _file_scores(method: str, graph: Any, positions: str | None, data: Any) -> tuple[Any, int | None]:
     """The scores of ``file:PATH`` (MIB / EAP-IG graph JSON or tensors, or scores edgepatch saved), and, when
     the file holds a circuit but no ranking (MIB's ``in_graph`` alone, or scores that are one value inside
     the circuit and another outside), that circuit's edge count: the command then evaluates that one
-    circuit instead of sweeping sizes."""
+    circuit instead of sweeping sizes. Per-position scores need ``positions`` (``--positions``) that give
+    ``data`` their slots."""
     import torch
 
     from edgepatch import io as epio
@@ -153,15 +156,14 @@ def _file_scores(method: str, graph: Any) -> tuple[Any, int | None]:
             scores = epio.load_scores(path, graph=graph)
     except EdgepatchError as err:
         raise CliError(f"--method {method}: {err}") from None
-    if scores.per_position:
-        raise CliError(f"--method {method}: the file holds per-position scores, which the command sweeps only from "
-                       f"its own methods (--positions); sweep them in Python with ep.sweep(..., positions=...).")
+    _check_file_positions(method, scores, positions, data)
+
     def constant(v: Any) -> bool:
         v = v[~v.isnan()]
         return v.numel() == 0 or bool((v == v[0]).all())
 
     mask = scores.circuit_mask
-    kept = graph.to_edges(mask) if mask is not None else None
+    kept = graph.to_edges(mask).reshape(-1) if mask is not None else None  # (item order, as scores.flat)
     # no ranking: one value everywhere, or one inside the circuit and one outside (a circuit saved as 1 / 0)
     if constant(scores.flat) or (kept is not None and constant(scores.flat[kept]) and constant(scores.flat[~kept])):
         if mask is None:
@@ -176,9 +178,29 @@ def _file_scores(method: str, graph: Any) -> tuple[Any, int | None]:
         # edges at full width, whatever constant the file held)
         ranked = torch.where(mask, torch.ones(()), torch.zeros(()))
         return EdgeScores(ranked, graph, method=_label(method), metric=scores.metric, info=scores.info,
-                          circuit_mask=mask), n
+                          circuit_mask=mask, slots=scores.slots), n
     return EdgeScores(scores.scores, graph, method=_label(method), metric=scores.metric, info=scores.info,
-                      circuit_mask=scores.circuit_mask), None
+                      circuit_mask=scores.circuit_mask, slots=scores.slots), None
+
+
+def _check_file_positions(method: str, scores: Any, positions: str | None, data: Any) -> None:
+    """A file's scores and ``--positions`` must agree: edge scores without it; per-position scores (edgepatch's
+    own files) with the positions they were computed with, which give this data the same slots."""
+    from edgepatch.attribution import position_slots
+
+    if not scores.per_position:
+        if positions is not None:
+            raise CliError(f"--method {method}: the file holds edge scores, not (position slot, edge) pairs; leave "
+                           f"out --positions, or give scores computed with positions.")
+        return
+    if positions is None:
+        raise CliError(f"--method {method}: the file holds per-position scores (slots {list(scores.slots)[:8]}); "
+                       f"add the --positions (absolute or named) they were computed with.")
+    _, names = position_slots(positions, data)
+    if tuple(names or ()) != tuple(scores.slots):
+        raise CliError(f"--method {method}: the file's slots are {list(scores.slots)[:8]} but --positions {positions} "
+                       f"gives {list(names or ())[:8]} for this task's prompts; give the positions (and a task with "
+                       f"the prompt length) the scores were computed with.")
 
 
 def _counts(arg: str) -> Any:
@@ -390,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     args.task = _check_choice("task", args.task, TASKS)
     counts = _counts(args.counts)
     if args.positions is not None:
-        others = [m for m in methods if m not in POSITION_METHODS]
+        others = [m for m in methods if m not in POSITION_METHODS and not m.startswith(FILE)]
         if others:
             raise CliError(f"--positions scores (position slot, edge) pairs, which {', '.join(others)} cannot; use "
                            f"{', '.join(POSITION_METHODS)}, or leave --positions out.")
@@ -433,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
         for method, label in zip(methods, labels):
             scores_path = out / f"scores_{label}{tag}"
             t = time.perf_counter()
-            scores, circuit_n = _file_scores(method, graph) if method.startswith(FILE) else (None, None)
+            scores, circuit_n = (_file_scores(method, graph, args.positions, data) if method.startswith(FILE)
+                                 else (None, None))
             settings = None if scores is not None else _score_settings(args, method, model, graph, data)
             if scores is None and args.resume and (scores_path.with_suffix(".safetensors")).exists():
                 scores = _resumed_scores(scores_path, graph, settings,
@@ -466,7 +489,7 @@ def run(args: argparse.Namespace) -> int:
             if circuit_n is None:
                 result = run_sweep(model, graph, scores, data, counts=counts, positions=args.positions, **options)
             else:  # a file's one circuit
-                result = ep.evaluate_circuit(model, graph, scores, data, name=label, **options)
+                result = ep.evaluate_circuit(model, graph, scores, data, name=label, positions=args.positions, **options)
             record["timings"][f"{label}_sweep_s"] = time.perf_counter() - t
             results[label] = result
             faith = [float(v) for v in result.normalized]

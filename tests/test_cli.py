@@ -77,6 +77,58 @@ def test_scores_from_files_sweep_like_the_method_that_made_them(tmp_path, capsys
     assert "describes a model with n_heads=6" in capsys.readouterr().err
 
 
+def test_per_position_score_files_sweep_with_their_positions(tmp_path, capsys):
+    """edgepatch's per-position scores from a file sweep with --positions as the method that made them; the
+    positions must match the file (and edge files take none). A per-position circuit file (ACDC's, or 1 / 0)
+    is evaluated at its size, with its slots."""
+    import re
+
+    import torch
+
+    import edgepatch as ep
+
+    out = tmp_path / "run"
+    assert cli.main(["sweep", *FAST, "--method", "eap", "--positions", "absolute", "--out", str(out)]) == 0
+    theirs = out / "scores_eap_pos-absolute.safetensors"
+    cmp = tmp_path / "cmp"
+    assert cli.main(["compare", *FAST, "--methods", f"eap,file:{theirs}", "--positions", "absolute",
+                     "--out", str(cmp)]) == 0
+    rows = json.loads((cmp / "run_pos-absolute.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["eap", "file-scores_eap_pos-absolute"]
+    assert rows[1]["faithfulness"] == rows[0]["faithfulness"] and rows[1]["counts"] == rows[0]["counts"]
+    capsys.readouterr()
+    for extra, message in (([], r"holds per-position scores \(slots \['0', '1', .*add the --positions"),
+                           (["--positions", "named"], r"only the ioi task names its positions")):
+        code = cli.main(["sweep", *FAST, "--method", f"file:{theirs}", *extra, "--out", str(tmp_path / "x")])
+        assert code == 2 and re.search(message, capsys.readouterr().err), extra
+    scores = ep.io.load_scores(theirs)
+    fewer = ep.EdgeScores(scores.scores[:3], scores.graph, slots=scores.slots[:3])
+    ep.io.save_scores(fewer, tmp_path / "fewer")
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'fewer.safetensors'}", "--positions", "absolute",
+                     "--out", str(tmp_path / "y")]) == 2
+    assert re.search(r"the file's slots are \['0', '1', '2'\] but --positions absolute gives \['0', '1', '2', '3'",
+                     capsys.readouterr().err)
+    # an edge file with --positions
+    graph = scores.graph
+    ep.io.to_mib_pt(ep.random_scores(graph), tmp_path / "edges.pt")
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'edges.pt'}", "--positions", "absolute",
+                     "--out", str(tmp_path / "z")]) == 2
+    assert "the file holds edge scores, not (position slot, edge) pairs" in capsys.readouterr().err
+    # one per-position circuit (1 inside, 0 outside), evaluated at its size with its slots
+    mask = torch.zeros(scores.scores.shape, dtype=torch.bool)
+    for name in ("input->logits", "m1->logits", "input->m1"):
+        mask[-1, graph.src_index(name.split("->")[0]), graph.dest_index(name.split("->")[1])] = True
+    ep.io.save_scores(ep.EdgeScores(mask.float(), graph, slots=scores.slots, circuit_mask=mask), tmp_path / "mine")
+    assert cli.main(["sweep", *FAST, "--method", f"file:{tmp_path / 'mine.safetensors'}", "--positions", "absolute",
+                     "--out", str(tmp_path / "c")]) == 0
+    row = json.loads((tmp_path / "c" / "run_pos-absolute.json").read_text())["results"][0]
+    assert row["circuit"] and row["counts"] == [3]
+    model = ep.random_model("tiny", seed=0)  # what --model random:tiny loads, and FAST's task
+    data = ep.tasks.induction(int(model.cfg.d_vocab), n=6, seed=0)
+    ref = ep.evaluate_circuit(model, graph, mask, data, positions="absolute")
+    assert row["faithfulness"][0] == pytest.approx(float(ref.normalized[0]), abs=1e-5)
+
+
 def _faithfulness_by_hand(mask_edges: list[str]) -> tuple[float, float, float]:
     """Clean, ablated and normalized faithfulness of one circuit for FAST's model and task, computed here with
     plain ``ep.patch`` forwards (corrupted-run ablation, logit difference, mean over the prompts)."""
@@ -303,8 +355,6 @@ def test_bad_file_methods(tmp_path, capsys):
                                                                   r"or edgepatch scores \(.safetensors\); got a .md file"),
         (["compare", "--methods", f"file:{tmp_path / 'a/graph.pt'},file:{tmp_path / 'b/graph.pt'}"],
          "names 'file-graph' twice"),
-        (["sweep", "--method", f"file:{tmp_path / 'a/graph.pt'}", "--positions", "absolute"],
-         r"--positions scores .* which file:.*graph\.pt cannot"),
         (["sweep", "--method", f"file:{tmp_path / 'a/graph.pt'}", "--task", "induction"],
          r"graph\.pt' is not a torch.save archive"),
     ):
