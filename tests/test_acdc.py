@@ -176,17 +176,19 @@ def test_batching_saves_forwards_and_is_independent_of_block_size(data):
     assert runs[32].info["n_forwards"] == 1 + runs[32].info["n_blocks"]
 
 
-def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, data):
+@pytest.mark.parametrize("positions", [None, "absolute"])
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, data, positions):
     """acdc(out=...) keeps its search state: interrupted after a few blocks, the same call continues from
     there (no forward repeated) and ends with the uninterrupted run's circuit, scores and counts; a finished
-    search is read back without a forward; other settings are refused."""
+    search is read back without a forward; other settings are refused. Per position too."""
     import sys
 
     acdc_mod = sys.modules["edgepatch.acdc"]  # (edgepatch.acdc is also the function's name)
     from edgepatch import progress
     model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
-    opts = dict(threshold={"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS], batch_candidates=8, progress=False)
+    opts = dict(threshold={"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS], batch_candidates=8, progress=False,
+                positions=positions)
     full = acdc(model, graph, data, "logit_diff", **opts)
     monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
     real = acdc_mod._CircuitEvaluator.evaluate
@@ -207,7 +209,7 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch, da
     assert torch.equal(resumed.info["tested"], full.info["tested"])
     assert torch.allclose(resumed.scores, full.scores, atol=1e-6, rtol=0, equal_nan=True)
     assert resumed.info["metric_final"] == pytest.approx(full.info["metric_final"], abs=1e-9)
-    assert 0 < int(full.circuit_mask.sum()) < graph.n_edges
+    assert 0 < int(full.circuit_mask.sum()) < full.n_items
     assert resumed.info["n_forwards"] == 1 + resumed.info["n_blocks"]  # none repeated (the 4 before included)
     calls.clear()
     monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", lambda self, W: calls.append(1) or real(self, W))
@@ -308,44 +310,21 @@ def test_one_slot_over_every_token_is_edge_acdc(data):
     assert one.info["n_forwards"] == edges.info["n_forwards"]
 
 
-def test_per_position_search_resumes_and_edge_progress_keeps_its_shape(tmp_path, monkeypatch, data):
-    """A per-position search interrupted mid-way resumes to the uninterrupted result. An edge search's
-    progress file keeps the [n_src, n_dest] tensors of earlier versions, so their files still resume."""
-    import sys
-
+def test_edge_progress_keeps_its_shape_and_folders_keep_their_kind(tmp_path, data):
+    """An edge search's progress file keeps the [n_src, n_dest] tensors of earlier versions, so their files
+    still resume; a per-position search's folder is refused to an edge search."""
     from safetensors import safe_open
 
-    acdc_mod = sys.modules["edgepatch.acdc"]
-    from edgepatch import progress
     model = _model("tiny", ANY_CLASS)
     graph = ep.build_graph(model)
-    opts = dict(threshold={"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS], batch_candidates=8, progress=False,
-                positions="absolute")
-    full = acdc(model, graph, data, "logit_diff", **opts)
-    monkeypatch.setattr(progress, "SAVE_EVERY_S", 0.0)
-    real = acdc_mod._CircuitEvaluator.evaluate
-    calls = []
-
-    def interrupt(self, W):
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(self, W)
-
-    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    opts = dict(threshold={"hooked": 0.03, "bridge": 1e-3}[ANY_CLASS], progress=False)
+    acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", positions="absolute", **opts)
+    with pytest.raises(EdgepatchError, match="different settings"):
         acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **opts)
-    monkeypatch.setattr(acdc_mod._CircuitEvaluator, "evaluate", real)
-    resumed = acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **opts)
-    assert torch.equal(resumed.circuit_mask, full.circuit_mask)
-    assert torch.allclose(resumed.scores, full.scores, atol=1e-6, rtol=0, equal_nan=True)
-    assert resumed.info["n_forwards"] == full.info["n_forwards"]
-    with pytest.raises(EdgepatchError, match="different settings"):  # the same folder for an edge search
-        acdc(model, graph, data, "logit_diff", out=tmp_path / "pos", **{**opts, "positions": None})
-    acdc(model, graph, data, "logit_diff", out=tmp_path / "edges", **{**opts, "positions": None})
+    acdc(model, graph, data, "logit_diff", out=tmp_path / "edges", **opts)
     with safe_open(str(tmp_path / "edges" / "progress.safetensors"), framework="pt") as f:
-        assert {k: tuple(f.get_slice(k).get_shape()) for k in ("circuit", "scores", "tested")} == \
-            dict.fromkeys(("circuit", "scores", "tested"), tuple(graph.valid.shape))
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in ("circuit", "scores", "tested")}
+    assert shapes == dict.fromkeys(("circuit", "scores", "tested"), tuple(graph.valid.shape))
 
 
 # ------------------------------------------------------------------------------------------------------
