@@ -11,7 +11,8 @@ stream before ``dest`` reads it. Patching one edge changes what one destination 
 Names follow the MIB / EAP-IG convention, so graphs interoperate:
 
 - sources: ``input`` (token + positional embeddings), ``a{L}.h{H}`` (head H of layer L, its output
-  ``z_h @ W_O^h`` without ``b_O``), ``m{L}`` (MLP L's output);
+  ``z_h @ W_O^h`` without ``b_O``), ``m{L}`` (MLP L's output); each as the residual stream adds it (Granite's
+  blocks scale both by ``residual_multiplier`` first);
 - destinations: ``a{L}.h{H}<q>``, ``<k>``, ``<v>`` (``split_qkv=True``) or ``a{L}.h{H}`` (``split_qkv=False``),
   ``m{L}`` (MLP input), ``logits`` (the final residual, before the final norm);
 - edges: ``"a0.h3->a2.h1<q>"``.
@@ -98,14 +99,20 @@ def model_spec(model: object) -> ModelSpec:
     name = getattr(cfg, "model_name", None) or type(model).__name__
     blocks = getattr(model, "blocks", None)
     first = blocks[0] if blocks is not None and len(blocks) else None
-    if hasattr(first, "residual_contribution_scale"):  # checked on one block: cheap on every patch()
+    # Granite-family blocks scale each sublayer's output before the residual stream adds it; the engine's
+    # sources are the scaled outputs (patching.residual_scale). Not where a block's sublayers are not one
+    # attention and one MLP (GraniteMoeHybrid: Mamba layers, a shared MLP summed with the experts).
+    if hasattr(first, "residual_contribution_scale") and (
+            getattr(first, "scaled_attn_submodule", "attn") != "attn"
+            or getattr(first, "scaled_mlp_submodule", "mlp") != "mlp"
+            or any(getattr(block, "attn", None) is None for block in blocks)):
         raise EdgepatchError(
-            f"{name}'s blocks are TransformerBridge's {type(first).__name__} (Granite family: each attention and MLP "
-            f"output is multiplied by residual_multiplier={first.residual_contribution_scale:g} before the residual "
-            "stream adds it). "
-            "edgepatch does not support these blocks yet (its sources are the terms the residual stream adds up, "
-            "and these blocks show their MLP outputs only to hooks added through TransformerLens), so it stops "
-            "here rather than return wrong results. Use another model, or open an issue for this architecture."
+            f"{name}'s blocks are TransformerBridge's {type(first).__name__} with sublayers other than one "
+            f"attention and one MLP (attention: {getattr(first, 'scaled_attn_submodule', None)!r}, MLP: "
+            f"{getattr(first, 'scaled_mlp_submodule', None)!r}; GraniteMoeHybrid's Mamba layers or shared MLP). "
+            "edgepatch does not support these blocks yet (its sources are the terms the residual stream adds "
+            "up), so it stops here rather than return wrong results. Use another model, or open an issue for "
+            "this architecture."
         )
     return ModelSpec(
         name=str(name),

@@ -148,21 +148,42 @@ def _source_hooks(model: Any, graph: Graph, sink: Callable[[int, Tensor], None],
         hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
         if not spec.attn_only:
             idx = graph.mlp_src_index(layer)
+            scale = residual_scale(model, layer)
 
-            def on_mlp(module: Any, inp: Any, out: Tensor, idx: int = idx) -> None:
-                sink(idx, out.unsqueeze(0))
+            def on_mlp(module: Any, inp: Any, out: Tensor, idx: int = idx, scale: float = scale) -> None:
+                sink(idx, (out if scale == 1 else out * scale).unsqueeze(0))
 
-            hooks.append((f"blocks.{layer}.hook_mlp_out", on_mlp))
+            hooks.append((mlp_out_hook(model, layer), on_mlp))
     return hooks
+
+
+def residual_scale(model: Any, layer: int) -> float:
+    """The factor by which the residual stream scales the layer's attention and MLP outputs before adding
+    them: 1, except in Granite-family blocks (TransformerBridge's ``ScaledResidualBlockBridge``, the
+    model's ``residual_multiplier``). Sources are what the residual stream adds: the scaled outputs."""
+    return float(getattr(model.blocks[layer], "residual_contribution_scale", 1.0))
+
+
+def mlp_out_hook(model: Any, layer: int) -> str:
+    """The hook point the engine reads the layer's MLP output at: ``hook_mlp_out``, except in scaled blocks
+    (:func:`residual_scale`), whose ``hook_mlp_out`` shows the scaled output to TransformerLens's hooks
+    only; there the MLP's own output, ``mlp.hook_out``, which the source hooks scale."""
+    if residual_scale(model, layer) != 1:
+        return f"blocks.{layer}.mlp.hook_out"
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 def head_outputs(model: Any, layer: int, z: Float[Tensor, "batch pos head d_head"],
                  W_O: Tensor | None = None, out: Tensor | None = None) -> Float[Tensor, "head batch pos d_model"]:
-    """Per-head outputs ``z_h @ W_O^h`` (without ``b_O``), head-major. ``W_O``: the layer's, if at hand;
-    ``out``: a contiguous ``[head, batch, pos, d_model]`` tensor to write them into. TransformerBridge's
-    ``hook_z`` sees heads flattened (``[batch, pos, head * d_head]``); both layouts are accepted."""
+    """Per-head outputs ``z_h @ W_O^h`` (without ``b_O``), head-major, as the residual stream adds them
+    (times :func:`residual_scale` in Granite-family blocks). ``W_O``: the layer's, if at hand (scaled
+    alike); ``out``: a contiguous ``[head, batch, pos, d_model]`` tensor to write them into.
+    TransformerBridge's ``hook_z`` sees heads flattened (``[batch, pos, head * d_head]``); both layouts are
+    accepted."""
     if W_O is None:
         W_O = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+        scale = residual_scale(model, layer)
+        W_O = W_O if scale == 1 else W_O * scale
     h, k, m = W_O.shape
     b, p = z.shape[:2]
     zh = z.reshape(b * p, h, k).transpose(0, 1)  # [head, batch*pos, d_head]
@@ -731,6 +752,8 @@ class Projections:
         block = self.model.blocks[layer]
         cfg = self.model.cfg
         z = f"blocks.{layer}.attn.hook_z"
+        if residual_scale(self.model, layer) != 1:  # (the block scales the attention output after it)
+            return None
         if self.bridge:
             attn = block.attn
             if (type(attn).__name__ not in _BRIDGE_SHAPE_FROM_QKV + _BRIDGE_SEPARATE_QKV
@@ -909,7 +932,7 @@ class _Engine:
                         hooks[i] = (name, self._make_z_hook(layer, names[2]))
                         hooks.append((names[1], self._make_attn_out_hook(layer)))
         for i, (name, fn) in enumerate(hooks):
-            if name.endswith(".hook_mlp_out"):
+            if name.endswith((".hook_mlp_out", ".mlp.hook_out")):  # (see mlp_out_hook)
                 hooks[i] = (name, self._make_mlp_out_hook(int(name.split(".")[1]), fn))
         attn: dict[int, list[tuple[str, Tensor, int]]] = {}
         self.deferred: dict[int, list[tuple[int, int]]] = {}  # layer -> [(MLP / logits destination, n)]
@@ -1230,7 +1253,7 @@ class _Engine:
         block = self.model.blocks[layer]
         if not _alone(_hook_point(self.model, f"blocks.{layer}.hook_mlp_in"), 1):
             return False
-        out = _hook_point(self.model, f"blocks.{layer}.hook_mlp_out")
+        out = _hook_point(self.model, mlp_out_hook(self.model, layer))
         # TransformerBridge's own capture hooks, and ours that fire hook_mlp_in (_capture_bridge_mlp_inputs)
         bridge_own = {h.id for h in getattr(block, "_capture_hook_handles", ())} | \
             {h.id for h in _slot(self.model).mlp_capture}
@@ -1271,6 +1294,7 @@ class _Engine:
         """The MLP's source hook (``record``, which reports ``o - â``), after filling in the rows the MLP
         did not run on with the ablated output ``â`` (see :meth:`_mlp_skipped`)."""
         src = self.g.mlp_src_index(layer)
+        scale = residual_scale(self.model, layer)
 
         def hook(module: Any, inp: Any, out: Tensor) -> Tensor | None:
             skip = self.mlp_short.pop(layer, None)
@@ -1283,6 +1307,8 @@ class _Engine:
             if out.shape[0]:
                 full.index_copy_(0, self._on((~rows).nonzero().flatten(), out.device), out)
             a = self.abl[src]  # [ab, ap, d_model]: a circuit's or slot's row i is prompt i % ab
+            if scale != 1:  # (the MLP's own output, which its block scales: see mlp_out_hook)
+                a = a / scale
             a = a.expand(a.shape[0], *out.shape[1:])
             idx = rows.nonzero().flatten()
             full.index_copy_(0, self._on(idx, out.device),

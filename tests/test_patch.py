@@ -48,11 +48,13 @@ def reference_edge_exists(model, src: str, dest: str) -> bool:
 
 
 def head_out(model, layer, z):
-    """Per-head outputs by an explicit loop over heads (the engine uses one einsum)."""
+    """Per-head outputs by an explicit loop over heads (the engine uses one einsum), as the residual stream
+    adds them: Granite's blocks multiply the attention output by the config's ``residual_multiplier``."""
     W_O = model.blocks[layer].attn.W_O
     n_heads, d_head = W_O.shape[0], W_O.shape[1]
     z = z.reshape(*z.shape[:2], n_heads, d_head)
-    return {f"a{layer}.h{h}": z[:, :, h, :] @ W_O[h] for h in range(n_heads)}
+    scale = getattr(getattr(getattr(model, "original_model", None), "config", None), "residual_multiplier", 1.0)
+    return {f"a{layer}.h{h}": scale * (z[:, :, h, :] @ W_O[h]) for h in range(n_heads)}
 
 
 def record_sources(model, toks):
@@ -1488,7 +1490,12 @@ _HF_ARCHITECTURES = {
     "falcon": ("tiiuae/falcon-7b", "FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)),
     "gpt_bigcode": ("bigcode/gpt_bigcode-santacoder", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True)),
     "cohere": ("CohereForAI/c4ai-command-r-v01", "CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, logit_scale=1.0)),
-    "granite": ("ibm-granite/granite-3.0-2b-base", "GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2, residual_multiplier=0.22)),
+    "granite": ("ibm-granite/granite-3.0-2b-base", "GraniteConfig", "GraniteForCausalLM",
+                dict(num_key_value_heads=2, residual_multiplier=0.22, embedding_multiplier=3.0,
+                     attention_multiplier=0.2, logits_scaling=2.5)),
+    "granitemoe": ("ibm-granite/granite-3.0-1b-a400m-base", "GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.3,
+                        embedding_multiplier=2.0)),
 }
 
 
@@ -1508,7 +1515,7 @@ def _hf_bridge(arch: str):
     return model
 
 
-@pytest.mark.parametrize("arch", [a for a in _HF_ARCHITECTURES if a != "granite"])
+@pytest.mark.parametrize("arch", list(_HF_ARCHITECTURES))
 def test_huggingface_architectures_through_the_bridge(arch, monkeypatch):
     """Across the architectures TransformerBridge wraps: per-head q/k norms (Qwen 3, OLMo 2 over all heads),
     fused q/k/v (Phi-3, Bloom, Falcon), parallel attention and MLP (GPT-J, Phi, Falcon, Cohere), ALiBi
@@ -1585,11 +1592,22 @@ def test_a_source_the_model_never_records_is_an_error(monkeypatch):
         ep.source_activations(model, g, tokens(model))
 
 
-def test_residual_multiplier_blocks_are_refused():
-    """Granite-family blocks scale each sublayer's output before the residual stream adds it; edgepatch
-    stops with a clear error instead of patching with the wrong sources."""
-    model = _hf_bridge("granite")
-    with pytest.raises(EdgepatchError, match=r"residual_multiplier=0\.22.*does not support these blocks yet"):
+def test_scaled_blocks_without_one_attention_and_one_mlp_are_refused():
+    """Granite's scaled blocks are patched (the architecture tests above); GraniteMoeHybrid's blocks hold
+    Mamba layers or add a shared MLP to the experts, whose sources edgepatch does not know: it stops with a
+    clear error instead of patching with the wrong sources."""
+    import transformers
+
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=0, shared_intermediate_size=64,
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+        residual_multiplier=0.22)
+    cfg.architectures = ["GraniteMoeHybridForCausalLM"]
+    torch.manual_seed(12)
+    model = _bridge_of("ibm-granite/granite-4.0-h-tiny", transformers.GraniteMoeHybridForCausalLM(cfg).eval())
+    with pytest.raises(EdgepatchError, match=r"sublayers other than one attention and one MLP .*MLP: 'shared_mlp'.*"
+                                             r"does not support these blocks yet"):
         ep.build_graph(model)
 
 
@@ -1609,7 +1627,7 @@ def test_attention_that_cannot_be_split_per_head_gets_a_clear_error(monkeypatch)
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("arch", [a for a in _HF_ARCHITECTURES if a != "granite"])
+@pytest.mark.parametrize("arch", list(_HF_ARCHITECTURES))
 def test_eap_equals_autograd_across_architectures(arch):
     """DESIGN.md §3.5 across the bridge's architectures: EAP scores are ``-dMetric/dw`` at ``w = 1``, the
     gradient through ``patch``, also where TransformerLens cannot split the attention per head (GPT-J, OPT:
