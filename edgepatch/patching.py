@@ -1254,6 +1254,9 @@ class _Engine:
         if not _alone(_hook_point(self.model, f"blocks.{layer}.hook_mlp_in"), 1):
             return False
         out = _hook_point(self.model, mlp_out_hook(self.model, layer))
+        scaled_out = getattr(block, "hook_mlp_out", None)  # a scaled block's own (see mlp_out_hook)
+        if scaled_out is not None and scaled_out is not out and not _alone(scaled_out, 0):
+            return False
         # TransformerBridge's own capture hooks, and ours that fire hook_mlp_in (_capture_bridge_mlp_inputs)
         bridge_own = {h.id for h in getattr(block, "_capture_hook_handles", ())} | \
             {h.id for h in _slot(self.model).mlp_capture}

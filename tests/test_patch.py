@@ -1592,6 +1592,29 @@ def test_a_source_the_model_never_records_is_an_error(monkeypatch):
         ep.source_activations(model, g, tokens(model))
 
 
+def test_a_hook_on_a_scaled_blocks_mlp_output_sees_the_mlp_run(monkeypatch):
+    """Granite's block-level ``hook_mlp_out`` (the scaled output, which only TransformerLens's hooks see)
+    counts as a hook of the user's on the MLP: an unread MLP is then run, not skipped, and the values stay
+    the reference's."""
+    model = _hf_bridge("granite")
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, batch=3, pos=6, seed=85), tokens(model, batch=3, pos=6, seed=86)
+    abl = ep.source_activations(model, g, corrupt)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(87))
+    W[g.src_index("m0")] = 0  # no destination reads m0: skipped, unless someone watches it
+    want = reference_patched(model, g, W, clean, corrupt)
+    rows = _record_mlp_rows(monkeypatch)
+    seen = []
+    with torch.no_grad():
+        with ep.patch(model, g, W, abl):
+            assert (model(clean) - want).abs().max() <= ATOL
+        assert rows[0] == 0
+        with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: seen.append(x.shape[0]))]):
+            with ep.patch(model, g, W, abl):
+                assert (model(clean) - want).abs().max() <= ATOL
+    assert rows[0] == clean.shape[0] and seen == [clean.shape[0]]
+
+
 def test_scaled_blocks_without_one_attention_and_one_mlp_are_refused():
     """Granite's scaled blocks are patched (the architecture tests above); GraniteMoeHybrid's blocks hold
     Mamba layers or add a shared MLP to the experts, whose sources edgepatch does not know: it stops with a
