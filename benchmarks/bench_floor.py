@@ -15,7 +15,9 @@ It replaces the model's own q/k/v and output projections, timed here as the mode
 product each). Prints one JSON line: the plain forward, the kernels, the replaced products (median seconds
 of interleaved rounds) and ``floor_ratio = (plain + kernels - replaced) / plain`` per round (median): the
 lowest patched / plain ratio this design can reach on this machine. ``bench_patch.py``'s random-weights
-ratio minus this floor is the engine's own overhead (Python, decisions, small operators).
+ratio minus this floor is the engine's own overhead (Python, decisions, small operators). The kernels
+use the CPU engine's layout (token-major differences); on a GPU the engine mixes source-major instead.
+SmolLM2-135M (``--model smollm2-135m --model-class bridge``), 8 x 16 tokens: floor 1.49.
 """
 
 from __future__ import annotations
