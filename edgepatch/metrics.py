@@ -481,13 +481,28 @@ def answer_logits(model: Any, answer_pos: Tensor | None) -> Iterator[None]:
         if not args or not isinstance(args[0], Tensor) or args[0].ndim != 3 or args[0].shape[0] % n:
             return None
         x = args[0]
+        if x.shape[1] == 1:  # one position: already gathered (an enclosing answer_logits), or the prompt's only
+            return None
         return (_gather_answer(x, answer_pos), *args[1:])
 
+    with _unembed_pre_hook(unembed, pre):
+        yield
+
+
+@contextlib.contextmanager
+def _unembed_pre_hook(unembed: torch.nn.Module, pre: Callable) -> Iterator[None]:
     handle = unembed.register_forward_pre_hook(pre)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _no_positions(module: Any, args: tuple) -> tuple | None:
+    """A pre-hook that passes the unembedding its input with no positions (it then does no work)."""
+    if not args or not isinstance(args[0], Tensor) or args[0].ndim != 3:
+        return None
+    return (args[0][:, :0], *args[1:])
 
 
 def _gather_answer(x: Tensor, answer_pos: Tensor) -> Tensor:
@@ -504,11 +519,17 @@ def _lean_unembed(model: Any) -> bool:
 
 
 def run_without_logits(model: Any, tokens: Tensor, **kwargs: Any) -> None:
-    """Run ``model(tokens)`` for its hooks only: a HookedTransformer stops before the unembedding
-    (``return_type=None``), which is about a third of a GPT-2 forward on CPU."""
+    """Run ``model(tokens)`` for its hooks only, without unembedding (about a third of a GPT-2 forward at
+    16 tokens on CPU): a HookedTransformer stops before it (``return_type=None``); other models (a
+    TransformerBridge) pass their unembedding an input with no positions, so it returns empty logits."""
     if _lean_unembed(model):
         model(tokens, return_type=None, **kwargs)
-    else:
+        return
+    unembed = getattr(model, "unembed", None)
+    if not isinstance(unembed, torch.nn.Module):
+        model(tokens, **kwargs)
+        return
+    with _unembed_pre_hook(unembed, _no_positions):
         model(tokens, **kwargs)
 
 
@@ -519,11 +540,14 @@ def final_logits(model: Any, tokens: Tensor, answer_pos: Tensor | None = None, *
     itself: TransformerLens's ``Unembed`` copies ``W_U`` into a new transposed tensor on every forward
     (154 MB for GPT-2, ~0.15 s on CPU, and with gradients autograd keeps it until the backward); the
     product with ``W_U`` as it is gives the same logits. The final norm's module hook reads the residual
-    and is removed before returning."""
+    and is removed before returning. Other models (a TransformerBridge) run as they are, with their
+    unembedding given the final residual at ``answer_pos`` only (:func:`answer_logits`): the other
+    positions are never unembedded, nor, with gradients, differentiated."""
     unembed = getattr(model, "unembed", None)
     cfg = getattr(model, "cfg", None)
     if not _lean_unembed(model):
-        logits = model(tokens, **kwargs)
+        with answer_logits(model, answer_pos):
+            logits = model(tokens, **kwargs)
         if answer_pos is not None and logits.shape[1] != 1:
             logits = _gather_answer(logits, answer_pos)
         return logits

@@ -266,33 +266,56 @@ def test_metrics_on_a_real_model_forward():
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=model_id)
 def test_final_logits_equal_the_model_output(case):
-    """final_logits skips HookedTransformer's per-forward copy of W_U; the logits must not change, with or
-    without gradients, and no hook may stay behind."""
-    from edgepatch.metrics import final_logits
+    """final_logits skips HookedTransformer's per-forward copy of W_U and unembeds only the answer positions
+    (a HookedTransformer by itself, a TransformerBridge through its own unembedding, given those positions
+    only); the logits must not change, with or without gradients, with circuits folded into the batch (rows
+    repeat the prompts), and no hook may stay behind. run_without_logits unembeds nothing."""
+    from edgepatch.metrics import final_logits, run_without_logits
 
     model = cached_model(*case)
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 5), generator=torch.Generator().manual_seed(0))
     ap = torch.tensor([4, 2, 0])
     with torch.no_grad():
         model(tokens)  # (TransformerBridge wires its own capture hooks on its first forward)
-        before = model_snapshot(model)
-        b_U = getattr(getattr(model, "unembed", None), "b_U", None)
-        saved = b_U.clone() if isinstance(b_U, torch.Tensor) else None
-        try:
-            if saved is not None:  # random models have a zero unembedding bias: make it count
-                b_U.add_(torch.randn(b_U.shape, generator=torch.Generator().manual_seed(1)))
-            want = model(tokens)
-            got = final_logits(model, tokens)
-            at = final_logits(model, tokens, ap)
-        finally:
-            if saved is not None:
-                b_U.copy_(saved)
+    before = model_snapshot(model)
+    unembedded: list[tuple[int, ...]] = []  # what the model's unembedding module computed on (after pre-hooks)
+    watch = model.unembed.register_forward_hook(lambda module, args, out: unembedded.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            b_U = getattr(getattr(model, "unembed", None), "b_U", None)
+            saved = b_U.clone() if isinstance(b_U, torch.Tensor) else None
+            try:
+                if saved is not None:  # random models have a zero unembedding bias: make it count
+                    b_U.add_(torch.randn(b_U.shape, generator=torch.Generator().manual_seed(1)))
+                want = model(tokens)
+                got = final_logits(model, tokens)
+                unembedded.clear()
+                at = final_logits(model, tokens, ap)
+                folded = final_logits(model, tokens.repeat(2, 1), ap)
+                assert all(shape[1] == 1 for shape in unembedded), unembedded
+                unembedded.clear()
+                assert run_without_logits(model, tokens) is None
+                assert all(shape[1] == 0 for shape in unembedded), unembedded
+            finally:
+                if saved is not None:
+                    b_U.copy_(saved)
+    finally:
+        watch.remove()
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
     assert at.shape == (3, 1, model.cfg.d_vocab)
     assert (at[:, 0] - want[torch.arange(3), ap]).abs().max() <= 1e-5
+    assert folded.shape == (6, 1, model.cfg.d_vocab)
+    assert (folded[:, 0] - want[torch.arange(3), ap].repeat(2, 1)).abs().max() <= 1e-5
     emb = model.embed.W_E if hasattr(model, "embed") and hasattr(model.embed, "W_E") else None
-    if emb is not None and emb.requires_grad:  # the gradient flows through the lean unembedding
-        final_logits(model, tokens, ap).sum().backward()
+    if emb is not None and emb.requires_grad:  # the gradient flows through the answer-only unembedding
+        weights = torch.randn(3, model.cfg.d_vocab, generator=torch.Generator().manual_seed(2))
+        model.zero_grad(set_to_none=True)  # (the model is shared: an earlier test may have left gradients)
+        (model(tokens)[torch.arange(3), ap] * weights).sum().backward()
         assert emb.grad is not None and emb.grad.abs().sum() > 0
+        expected = emb.grad.clone()
+        model.zero_grad(set_to_none=True)
+        (final_logits(model, tokens, ap)[:, 0] * weights).sum().backward()
+        assert (emb.grad - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
         model.zero_grad(set_to_none=True)
     assert_unchanged(model, before)
+

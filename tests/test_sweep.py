@@ -491,12 +491,18 @@ def test_mib_sweep_end_to_end():
     assert math.isfinite(r.cpr()) and math.isfinite(r.cmd())
 
 
-def test_fast_path_falls_back_when_the_unembedding_cannot_be_sliced(monkeypatch):
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_fast_path_falls_back_when_the_unembedding_cannot_be_sliced(monkeypatch, cls):
+    """Without the pre-hook that unembeds only the answer positions, the logits of every position are
+    computed and the answer positions gathered afterwards: the same values."""
     import contextlib
 
-    model, graph, data, scores = setup()
+    import edgepatch.metrics as metrics_mod
+
+    model, graph, data, scores = setup(cls=cls)
     fast = sweep(model, graph, scores, data, counts=[4, 40], metric="kl_div", progress=False)
-    monkeypatch.setattr(sweep_mod, "answer_logits", lambda model, ap: contextlib.nullcontext())
+    for mod in (sweep_mod, metrics_mod):
+        monkeypatch.setattr(mod, "answer_logits", lambda model, ap: contextlib.nullcontext())
     slow = sweep(model, graph, scores, data, counts=[4, 40], metric="kl_div", progress=False)
     torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.ablated, slow.ablated, atol=1e-5, rtol=0)
