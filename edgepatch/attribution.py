@@ -584,15 +584,18 @@ def exact_patching(
     effects = state["effects"]
     t0 = time.perf_counter()
     n_forwards = 0
+    fast = reads_answer_only(get_metric(metric))  # unembed only the answer positions (see final_logits)
     bar = progress_bar(int(state["done"].numel()), "exact", progress)
     bar.update(int(state["done"].sum()))
     for b_i, (sl, batch) in enumerate(batches(data, batch_size)):
         if bool(state["done"][b_i].all()):
             continue
         abl = abl_source(batch, sl)
-        clean_logits = model(batch.clean)
+        ap = batch.answer_pos if fast else None
+        view = answer_view(batch) if fast else batch
+        clean_logits = final_logits(model, batch.clean, ap)
         m = prepared_metric(model, metric, batch, clean_logits)
-        base = m(clean_logits, batch).double()  # all kept == the clean forward (invariant 1)
+        base = m(clean_logits, view).double()  # all kept == the clean forward (invariant 1)
         folded: dict[int, Any] = {}
         for c_i, start in enumerate(range(0, len(idx), edges_per_forward)):
             if state["done"][b_i, c_i]:
@@ -605,9 +608,9 @@ def exact_patching(
             W[(torch.arange(c), *chunk.T)] = 0
             W, table = W.to(device), None if slots is None else slots[sl].to(device)  # (per position: [c, S, ...])
             with patch(model, graph, W, abl, positions=table):
-                logits = model(batch.clean.repeat(c, 1))
+                logits = final_logits(model, batch.clean.repeat(c, 1), ap)
             n_forwards += 1
-            vals = folded[c](logits, _repeat(batch, c)).double().view(c, len(batch.clean))
+            vals = folded[c](logits, _repeat(view, c)).double().view(c, len(batch.clean))
             effects[start : start + c] += (vals - base).sum(1).cpu() / n
             state["done"][b_i, c_i] = 1
             save()

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import torch
 
-from edgepatch.attribution import ABLATIONS, AblationSource, batches, check_data, prepared_metric, progress_bar
+from edgepatch.attribution import ABLATIONS, AblationSource, batches, check_data, progress_bar
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, suggest
 from edgepatch.graph import Graph
@@ -101,11 +101,6 @@ def _resolve_metric(metric: Any) -> tuple[Any, str]:
 
 def _is_kl(metric: Any) -> bool:
     return isinstance(metric, KLDivergence)
-
-
-def _prepared_metric(model: Any, metric: Any, batch: PromptPairs) -> Any:
-    """``metric`` ready for ``batch``: metrics that need the clean run (KL) get its logits (no grad)."""
-    return prepared_metric(model, metric, batch)
 
 
 @contextlib.contextmanager

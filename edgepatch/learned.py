@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from edgepatch.attribution import batches as data_batches, position_slots
+from edgepatch.attribution import batches as data_batches, position_slots, prepared_metric
 from edgepatch.baselines import (
     _ablation_kind,
     _batches_with_ablation,
@@ -80,7 +80,6 @@ from edgepatch.baselines import (
     _check_data,
     _eval_mode,
     _model_device_dtype,
-    _prepared_metric,
     _progress,
     _resolve_metric,
 )
@@ -88,6 +87,7 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
+from edgepatch.metrics import answer_view, final_logits, reads_answer_only
 from edgepatch.patching import Ablation, _check_graph, engine_flags
 from edgepatch.progress import positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
@@ -200,9 +200,12 @@ def learn_masks(
         stack.enter_context(engine_flags(model))
         stack.enter_context(torch.random.fork_rng(devices=rng_devices))
         torch.manual_seed(int(seed))
+        # a built-in metric reads the answer positions only: unembed (and differentiate) just those
+        fast = reads_answer_only(metric_fn)
         with torch.no_grad():
-            batches = [(b, a, _prepared_metric(model, metric_fn, b))
+            batches = [(b, a, prepared_metric(model, metric_fn, b, answer_pos=b.answer_pos if fast else None))
                        for b, a in _batches_with_ablation(model, graph, data, ablation, batch_size)]
+        views = [answer_view(b) if fast else b for b, _, _ in batches]
         batch_slots = [None if slots is None else slots[sl].to(device) for sl, _ in data_batches(data, batch_size)]
         masks = EdgeMasks(graph, init=init_w, mask_fn=fn, slots=n_slots, device=device)
         masks.train()
@@ -236,12 +239,13 @@ def learn_masks(
                 ramp = 1.0 if warmup == 0 else min(1.0, (epoch + 1) / max(1.0, warmup * epochs))
                 target = 1.0 - (1.0 - target_density) * ramp
             sums = {"loss": 0.0, "faithfulness": 0.0, "density": 0.0}
-            for (batch, abl, metric_b), table in zip(batches, batch_slots):
+            for (batch, abl, metric_b), view, table in zip(batches, views, batch_slots):
                 ctx = (contextlib.nullcontext() if held is not None
                        else train_masks(model, graph, abl, masks=masks, positions=table))
                 with ctx:
-                    logits = model(batch.clean.to(device))
-                faith = _faithfulness_loss(metric_b, logits, batch)
+                    tokens = batch.clean.to(device)
+                    logits = final_logits(model, tokens, batch.answer_pos.to(device)) if fast else model(tokens)
+                faith = _faithfulness_loss(metric_b, logits, view)
                 density = masks.penalty() / n_edges
                 if target is None:
                     loss = faith + penalty_weight * density

@@ -319,3 +319,44 @@ def test_final_logits_equal_the_model_output(case):
         model.zero_grad(set_to_none=True)
     assert_unchanged(model, before)
 
+
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+@pytest.mark.parametrize("algorithm", ["acdc", "exact", "learn"])
+def test_search_algorithms_unembed_only_the_answer_positions(cls, algorithm):
+    """ACDC, exact patching and learned masks run many forwards of folded circuits; with a built-in metric,
+    which reads the answer position only, no forward unembeds any other position (GPT-2's logits for ACDC's
+    16 circuits x 64 prompts x 16 tokens would be 3.3 GB). A callable metric may read any position: it gets
+    the full logits. (That the results do not change is checked against plain references in test_acdc,
+    test_attribution and test_learned.)"""
+    import edgepatch as ep
+    from edgepatch.tasks import induction
+
+    model = cached_model("tiny", cls)
+    graph = ep.build_graph(model)
+    data = induction(int(model.cfg.d_vocab), n=4, seq_len=4, seed=0)
+    positions: list[int] = []  # the positions per row of every logits tensor the model computed
+    watch = model.unembed.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+
+    def run(metric):
+        positions.clear()
+        if algorithm == "acdc":
+            ep.acdc(model, graph, data, metric, threshold=1e9, progress=False)  # (removes every edge tested)
+        elif algorithm == "exact":
+            edges = torch.zeros(graph.n_src, graph.n_dest, dtype=torch.bool)
+            edges[0, :5] = True
+            ep.attribution.exact_patching(model, graph, data, metric, edges=edges & graph.valid, progress=False)
+        else:
+            ep.learn_masks(model, graph, data, metric, epochs=2, progress=False)
+        return list(positions)
+
+    try:
+        built_in = run("logit_diff" if algorithm != "learn" else "kl")
+        callable_metric = run(lambda logits, d: logits[torch.arange(len(d)), d.answer_pos, d.answers[:, 0]])
+    finally:
+        watch.remove()
+    # 0 positions: the ablation's run (no logits at all); a HookedTransformer's lean logits (see final_logits)
+    # bypass its unembedding module, so only the bridge's must show up here
+    assert all(p <= 1 for p in built_in) and (1 in built_in or cls == "hooked"), built_in
+    seq = data.clean.shape[1]
+    assert all(p in (0, seq) for p in callable_metric), callable_metric
+    assert seq in callable_metric or (cls, algorithm) == ("hooked", "exact"), callable_metric
