@@ -165,7 +165,14 @@ from torch.nn.utils import parametrize
 from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, UnknownNameError, shape_str, suggest
 from edgepatch.masks import ContinuousSparsification, HardConcrete, MaskFunction, frozen, make_mask_fn
-from edgepatch.metrics import KLDivergence, get_metric, logits_at_answer, normalized_faithfulness
+from edgepatch.metrics import (
+    KLDivergence,
+    answer_view,
+    final_logits,
+    get_metric,
+    normalized_faithfulness,
+    reads_answer_only,
+)
 
 __all__ = [
     "WeightMasks",
@@ -976,9 +983,19 @@ def _metric_name(metric: Any) -> str:
 
 
 def _answer_logits(model: nn.Module, data: PromptPairs, batch_size: int) -> Tensor:
+    """The logits at each prompt's answer position, ``[batch, d_vocab]`` (the other positions are not
+    unembedded: see :func:`~edgepatch.metrics.final_logits`)."""
     with torch.no_grad():
-        return torch.cat([logits_at_answer(model(data[i:i + batch_size].clean), data[i:i + batch_size]).detach()
-                          for i in range(0, data.batch, batch_size)])
+        return torch.cat([final_logits(model, part.clean, part.answer_pos)[:, 0].detach()
+                          for part in (data[i:i + batch_size] for i in range(0, data.batch, batch_size))])
+
+
+def _task_logits(model: nn.Module, part: PromptPairs, answer_only: bool) -> tuple[Tensor, PromptPairs]:
+    """The logits a metric reads on ``part`` and the data it reads them with: at the answer positions only
+    where the metric reads nothing else (``answer_only``), else at every position."""
+    if answer_only:
+        return final_logits(model, part.clean, part.answer_pos), answer_view(part)
+    return model(part.clean), part
 
 
 def _evaluate(model: nn.Module, data: PromptPairs, metric: Any, clean_at: Tensor, batch_size: int) -> float:
@@ -987,7 +1004,7 @@ def _evaluate(model: nn.Module, data: PromptPairs, metric: Any, clean_at: Tensor
         for i in range(0, data.batch, batch_size):
             part = data[i:i + batch_size]
             fn = metric.prepare(clean_at[i:i + batch_size]) if getattr(metric, "needs_clean", False) else metric
-            values.append(fn(model(part.clean), part).float())
+            values.append(fn(*_task_logits(model, part, reads_answer_only(metric))).float())
     return float(torch.cat(values).mean())
 
 
@@ -1054,6 +1071,7 @@ def train_weight_masks(
     clean_at = _answer_logits(model, data, bs)
     batches = [(data[i:i + bs], clean_at[i:i + bs]) for i in range(0, data.batch, bs)]
     sign = -1.0 if getattr(metric_fn, "higher_is_better", True) else 1.0
+    answer_only = objective == "kl" or reads_answer_only(metric_fn)  # unembed just the answer positions
     if schedule is None:
         def schedule(epoch: int, masks: WeightMasks) -> None:
             if isinstance(masks.function, ContinuousSparsification):
@@ -1089,12 +1107,12 @@ def train_weight_masks(
                 schedule(epoch, masks)
                 for part, part_clean in batches:
                     with parametrize.cached():
-                        logits = model(part.clean)
+                        logits, view = _task_logits(model, part, answer_only)
                     if objective == "kl":
-                        task = KLDivergence(part_clean)(logits, part).mean()
+                        task = KLDivergence(part_clean)(logits, view).mean()
                     else:
                         fn = metric_fn.prepare(part_clean) if getattr(metric_fn, "needs_clean", False) else metric_fn
-                        task = sign * fn(logits, part).mean()
+                        task = sign * fn(logits, view).mean()
                     dens = masks.expected_density()
                     if target is not None:
                         ramp = 0.5 * (1.0 - math.cos(math.pi * min(1.0, (step + 1) / warm_steps)))

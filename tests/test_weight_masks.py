@@ -423,3 +423,30 @@ def test_subnetwork_input_errors():
             pass
     with pytest.raises(EdgepatchError, match=r"target_sparsity must be in \[0, 1\)"):
         train_weight_masks(model, data_for_training(), "blocks.0.mlp.W_in", target_sparsity=1.5)
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+@pytest.mark.parametrize("objective, metric", [("kl", "kl_div"), ("metric", "logit_diff")])
+def test_answer_only_logits_train_exactly_like_full_logits(monkeypatch, model_class, objective, metric):
+    """Training and evaluation unembed only the answer positions when the loss reads nothing else (the KL
+    objective, a built-in metric). Against the same run on every position's logits (the loss then gathers
+    the answer positions itself): the same losses step by step and the same metrics."""
+    import importlib
+
+    wm = importlib.import_module("edgepatch.weight_masks")  # (the module: edgepatch.weight_masks is the function)
+    requires(model_class)
+    opts = dict(metric=metric, objective=objective, mask_fn="sigmoid", epochs=3, batch_size=4, progress=False)
+    runs = []
+    for full in (False, True):
+        if full:
+            every = wm._task_logits
+            monkeypatch.setattr(wm, "_task_logits", lambda model, part, answer_only: every(model, part, False))
+        model = random_model("tiny", model_class=model_class, seed=0)
+        runs.append(train_weight_masks(model, data_for_training(), "blocks.0.mlp.W_out", **opts))
+    fast, full = runs
+    assert len(fast.history["loss"]) == 3 * 2
+    assert fast.history["loss"] == pytest.approx(full.history["loss"], abs=1e-5)
+    assert fast.history["task_loss"] == pytest.approx(full.history["task_loss"], abs=1e-5)
+    assert fast.metric_full == pytest.approx(full.metric_full, abs=1e-5)
+    assert fast.metric_subnetwork == pytest.approx(full.metric_subnetwork, abs=1e-5)
+    assert len(set(fast.history["task_loss"])) > 1  # (the masks moved: the comparison is not of constants)
