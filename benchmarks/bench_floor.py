@@ -17,7 +17,7 @@ of interleaved rounds) and ``floor_ratio = (plain + kernels - replaced) / plain`
 lowest patched / plain ratio this design can reach on this machine. ``bench_patch.py``'s random-weights
 ratio minus this floor is the engine's own overhead (Python, decisions, small operators). The kernels
 use the CPU engine's layout (token-major differences); on a GPU the engine mixes source-major instead.
-SmolLM2-135M (``--model smollm2-135m --model-class bridge``), 8 x 16 tokens: floor 1.49.
+SmolLM2-135M (``--model smollm2-135m --model-class bridge``), 8 x 16 tokens: floor 1.49 (one run).
 """
 
 from __future__ import annotations
