@@ -249,12 +249,14 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
         learn_masks(model, graph, _data(), out=tmp_path, seed=1, **opts)
 
 
-def test_per_position_masks_follow_a_plain_reference():
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_per_position_masks_follow_a_plain_reference(cls):
     """positions=...: one mask parameter per (slot, edge), each batch patched with its own prompts' slots.
     Two epochs of sigmoid masks over two batches equal a plain loop written here: sigmoid weights through
-    ep.patch(positions=...), minus the mean logit difference plus the L1 density, one Adam step per batch.
-    With one slot holding every token, the masks are the edge masks."""
-    model = _model("tiny", ANY_CLASS)
+    ep.patch(positions=...), minus the mean logit difference (on the full logits: learn_masks unembeds only
+    the answer positions) plus the L1 density, one Adam step per batch. With one slot holding every token,
+    the masks are the edge masks."""
+    model = _model("tiny", cls)
     graph = ep.build_graph(model)
     data = _data()
     slots = torch.zeros_like(data.clean)
