@@ -75,7 +75,10 @@ def main() -> None:
         coef = torch.rand(n + 1, rows, **kw)  # (+ the base residual, one more source with coefficient 1)
         kinds = [H, spec.n_kv_heads, spec.n_kv_heads] if R else []
         W_k = [torch.randn(h, m, dh, **kw) for h in kinds]
-        plan.append((n, R, coef, kinds, W_k, info["mlp_n"] - n))
+        rest = torch.rand(1, info["mlp_n"] - n, **kw)  # the MLP input's weights of the layer's own heads
+        plan.append((n, R, coef, kinds, W_k, rest))
+    to_logits = torch.rand(1, n_src, **kw).expand(T, -1, -1)
+    has_mlp = not spec.attn_only
 
     def kernels() -> None:
         start = 1
@@ -93,11 +96,12 @@ def main() -> None:
                 outs.sum(0)
                 torch.sub(outs.transpose(0, 1), abl[start : start + H].transpose(0, 1), out=buf[:, start : start + H])
                 start += H
-            if rest:
-                part.sub_(torch.matmul(torch.rand(1, rest, **kw), buf[:, n : n + rest]).squeeze(1))
-            torch.sub(x, abl[min(start, n_src - 1)], out=buf[:, min(start, n_src - 1)])  # the MLP's difference
-            start += 1
-        torch.bmm(torch.rand(1, n_src, **kw).expand(T, -1, -1), buf)  # the logits' input
+            if rest.shape[1]:
+                part.sub_(torch.matmul(rest, buf[:, n : n + rest.shape[1]]).squeeze(1))
+            if has_mlp:
+                torch.sub(x, abl[start], out=buf[:, start])  # the MLP's difference
+                start += 1
+        torch.bmm(to_logits, buf)  # the logits' input
 
     def replaced() -> None:
         for _ in plan:
