@@ -80,7 +80,6 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, prune_circuit
 from edgepatch.metrics import (
-    answer_logits,
     answer_view,
     final_logits,
     get_metric,
@@ -837,39 +836,38 @@ def _run_batch(
     clean_tok = batch.clean[:, :pos]
     ap = batch.answer_pos if fast else None
     mdata = answer_view(batch) if fast else batch
-    with answer_logits(model, ap):
-        if abl_kind == "corrupt":
-            # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
-            # ablated) and the corrupted run's source outputs (the ablation)
-            abl, both_logits = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]),
-                                                  logits_at=None if ap is None else ap.repeat(2),
-                                                  rows=slice(b, 2 * b))  # the corrupted half's sources
-            clean_logits, corrupt_logits = both_logits[:b], both_logits[b:]
-            m = resolved.prepare(clean_logits) if needs_clean else resolved
-            clean_vals = m(clean_logits, mdata).double().cpu()
-            ablated_vals = m(corrupt_logits, mdata).double().cpu()
-        else:
-            clean_logits = final_logits(model, clean_tok, ap)
-            m = resolved.prepare(clean_logits) if needs_clean else resolved
-            clean_vals = m(clean_logits, mdata).double().cpu()
-            assert fixed is not None
-            abl = fixed.to(device)
-            if abl.values.shape[1] > 1:
-                abl = abl[sl]
-            if abl.values.shape[2] > 1:
-                abl = Ablation(abl.values[:, :, :pos], abl.kind, abl.spec)
-            ablated_vals = None
-        state["clean"][sl] = clean_vals
-        if ablated_vals is not None:
-            state["ablated"][sl] = ablated_vals
-        state["base_done"][sl] = 1
+    if abl_kind == "corrupt":
+        # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
+        # ablated) and the corrupted run's source outputs (the ablation)
+        abl, both_logits = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]),
+                                              logits_at=None if ap is None else ap.repeat(2),
+                                              rows=slice(b, 2 * b))  # the corrupted half's sources
+        clean_logits, corrupt_logits = both_logits[:b], both_logits[b:]
+        m = resolved.prepare(clean_logits) if needs_clean else resolved
+        clean_vals = m(clean_logits, mdata).double().cpu()
+        ablated_vals = m(corrupt_logits, mdata).double().cpu()
+    else:
+        clean_logits = final_logits(model, clean_tok, ap)
+        m = resolved.prepare(clean_logits) if needs_clean else resolved
+        clean_vals = m(clean_logits, mdata).double().cpu()
+        assert fixed is not None
+        abl = fixed.to(device)
+        if abl.values.shape[1] > 1:
+            abl = abl[sl]
+        if abl.values.shape[2] > 1:
+            abl = Ablation(abl.values[:, :, :pos], abl.kind, abl.spec)
+        ablated_vals = None
+    state["clean"][sl] = clean_vals
+    if ablated_vals is not None:
+        state["ablated"][sl] = ablated_vals
+    state["base_done"][sl] = 1
+    save_state()
+    bar.update(1)
+    for chunk in chunks:
+        _evaluate_chunk(model, graph, clean_tok, abl, m, mdata, ap, plan, chunk=chunk, direction=direction, b=b,
+                        sl=sl, state=state, slots=slots)
         save_state()
         bar.update(1)
-        for chunk in chunks:
-            _evaluate_chunk(model, graph, clean_tok, abl, m, mdata, ap, plan, chunk=chunk, direction=direction, b=b,
-                            sl=sl, state=state, slots=slots)
-            save_state()
-            bar.update(1)
     if abl_kind == "corrupt":  # this batch's ablation is done with: its storage serves the next batch's
         keep_buffer(model, "ablation", abl.values)
 
