@@ -557,6 +557,10 @@ def sweep(
             f"Unknown ablation {ablation!r}.{suggest(str(ablation), ABLATIONS)} Expected one of "
             f"{', '.join(map(repr, ABLATIONS))} or an ep.Ablation."
         )
+    # the corrupted prompts' own run: recorded batch by batch with the clean run, whose corrupted half's logits
+    # are the empty circuit's. A given Ablation (of any kind, also one recorded from other prompts) is used as
+    # it is, and the empty circuit is evaluated like the others.
+    recorded = abl_kind == "corrupt" and not isinstance(ablation, Ablation)
 
     # ---- plan: effective counts, orders, circuits -------------------------------------------------------
     order = scores.order(by)
@@ -577,7 +581,7 @@ def sweep(
     # every edge kept is the clean run; every edge ablated the corrupted run (not per position where a token
     # has no slot: its edges stay): the empty circuit is then evaluated like the others
     all_slotted = slots is None or bool((slots >= 0).all())
-    empty_is_corrupt = abl_kind == "corrupt" and all_slotted
+    empty_is_corrupt = recorded and all_slotted
     trivial = {0, n_edges}
     items: list[tuple[int, int]] = []
     if not empty_is_corrupt:
@@ -642,7 +646,7 @@ def sweep(
             work.append((sl, pos, chunks))
 
     fixed = None
-    if any(True for _ in work) and abl_kind != "corrupt":
+    if any(True for _ in work) and not recorded:
         with torch.no_grad():
             fixed = AblationSource(model, graph, data, ablation).fixed
 
@@ -653,7 +657,7 @@ def sweep(
     try:
         with torch.no_grad():
             for sl, pos, chunks in work:
-                _run_batch(model, graph, data, sl, pos, fast, resolved, needs_clean, abl_kind, fixed, plan,
+                _run_batch(model, graph, data, sl, pos, fast, resolved, needs_clean, recorded, fixed, plan,
                            direction, n_edges, chunks, state, save_state, bar,
                            None if slots is None else slots[sl, :pos])
     finally:
@@ -824,19 +828,20 @@ def _as_circuit_mask(circuit: Any, graph: Graph) -> Tensor:
 
 def _run_batch(
     model: Any, graph: Graph, data: PromptPairs, sl: slice, pos: int, fast: bool, resolved: Any,
-    needs_clean: bool, abl_kind: str, fixed: Ablation | None, plan: _Plan, direction: str, n_edges: int,
+    needs_clean: bool, recorded: bool, fixed: Ablation | None, plan: _Plan, direction: str, n_edges: int,
     chunks: list[list[int]], state: dict[str, Tensor], save_state: Callable[[], None], bar: Any,
     slots: Tensor | None = None,
 ) -> None:
     """One batch of prompts: clean forward, ablation (and ablated metric), then the pending circuit chunks
-    (``slots``: the batch's position slots, for per-position circuits)."""
+    (``slots``: the batch's position slots, for per-position circuits; ``recorded``: the ablation is this
+    batch's corrupted prompts' run, recorded here, else ``fixed``)."""
     device = next(model.parameters()).device
     batch = data[sl].to(device)
     b = len(batch)
     clean_tok = batch.clean[:, :pos]
     ap = batch.answer_pos if fast else None
     mdata = answer_view(batch) if fast else batch
-    if abl_kind == "corrupt":
+    if recorded:
         # one forward of clean and corrupted prompts together: clean logits, corrupted logits (= all edges
         # ablated) and the corrupted run's source outputs (the ablation)
         abl, both_logits = source_activations(model, graph, torch.cat([clean_tok, batch.corrupt[:, :pos]]),
@@ -868,7 +873,7 @@ def _run_batch(
                         sl=sl, state=state, slots=slots)
         save_state()
         bar.update(1)
-    if abl_kind == "corrupt":  # this batch's ablation is done with: its storage serves the next batch's
+    if recorded:  # this batch's ablation is done with: its storage serves the next batch's
         keep_buffer(model, "ablation", abl.values)
 
 

@@ -244,6 +244,35 @@ def test_explicit_ablation_object_and_model_unchanged(fresh_model):
     assert_unchanged(fresh_model, before)
 
 
+@pytest.mark.parametrize("cls", ["hooked", "bridge"])
+def test_given_ablation_from_other_prompts_is_used(cls):
+    """An Ablation recorded on other prompts (kind "corrupt") is what a sweep and evaluate_circuit ablate to,
+    not ``data.corrupt`` (the sweep once re-recorded the corrupted prompts' run and ignored it). References:
+    plain ep.patch with that Ablation, and the model run on those prompts (every edge ablated)."""
+    model, graph, data, scores = setup(cls=cls)
+    other = torch.randint(0, 101, data.clean.shape, generator=torch.Generator().manual_seed(5))
+    abl = ep.source_activations(model, graph, other)
+    kept = abl.values.clone()
+    counts = [0, 3, 30]
+    r = sweep(model, graph, scores, data, counts=counts, ablation=abl, batch_size=4, progress=False)
+    m = get_metric("logit_diff")
+    with torch.no_grad():
+        on_other = m(model(other), data).double()
+        ref = []
+        for mask in scores.circuits(counts):
+            with ep.patch(model, graph, (mask & graph.valid).float(), abl):
+                ref.append(m(model(data.clean), data).double())
+    torch.testing.assert_close(r.ablated, on_other, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.values, torch.stack(ref), atol=1e-4, rtol=0)
+    assert not torch.allclose(r.ablated, sweep(model, graph, scores, data, counts=[0], progress=False).ablated)
+    one = ep.evaluate_circuit(model, graph, scores.circuit(3), data, ablation=abl, progress=False)
+    torch.testing.assert_close(one.values[0], ref[1], atol=1e-4, rtol=0)
+    assert torch.equal(abl.values, kept)  # the sweep neither wrote into nor kept the given values
+    with pytest.raises(EdgepatchError, match="has batch 3, but data has 6 prompts"):
+        sweep(model, graph, scores, data, counts=[3], ablation=ep.source_activations(model, graph, other[:3]),
+              progress=False)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Ties, groups, random baseline
 # ------------------------------------------------------------------------------------------------------
