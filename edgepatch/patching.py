@@ -539,8 +539,9 @@ def _hook_point(model: Any, name: str) -> Any:
 _RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_in", "hook_mlp_out")
 
 
-def _register(model: Any, name: str, fn: Callable) -> Any:
-    """``fn`` as a forward hook of hook point ``name``; returns the handle.
+def _register(model: Any, name: str, fn: Callable, prepend: bool = False) -> Any:
+    """``fn`` as a forward hook of hook point ``name`` (``prepend``: before the hooks already there);
+    returns the handle.
 
     The engine's hooks are plain PyTorch forward hooks (TransformerLens's ``add_hook`` wrapper costs Python
     time on every call), so they see a TransformerBridge hook point's raw tensor, not the one its
@@ -551,13 +552,13 @@ def _register(model: Any, name: str, fn: Callable) -> Any:
     hp = _hook_point(model, name)
     conv = getattr(hp, "hook_conversion", None)
     if conv is None or name.rsplit(".", 1)[-1] not in _RESIDUAL_HOOKS:
-        return hp.register_forward_hook(fn)
+        return hp.register_forward_hook(fn, prepend=prepend)
 
     def converted(module: Any, inp: Any, out: Any) -> Any:
         res = fn(module, inp, conv.convert(out))
         return None if res is None else conv.revert(res)
 
-    return hp.register_forward_hook(converted)
+    return hp.register_forward_hook(converted, prepend=prepend)
 
 
 @contextlib.contextmanager
@@ -969,8 +970,14 @@ class _Engine:
             self.hook_specs = self.hook_list()
         fired = [False] * len(self.hook_specs)
         final = self.plan[-1][0]  # the logits' hook: the last of a forward
+        # Where a destination reads, the engine's hook puts the patched value in place before any hook that
+        # was there already (a user's): that hook sees, and may change, what the destination receives in the
+        # patched forward. Where a source writes, the engine's hook records after them: what they changed
+        # is the source's output.
+        dests = {name for name, _, _ in self.plan}
         for i, (name, fn) in enumerate(self.hook_specs):
-            self.handles.append(_register(self.model, name, self._watched(fn, fired, i, name == final)))
+            front = name in dests or name.endswith((".attn.hook_q", ".attn.hook_k", ".attn.hook_v"))
+            self.handles.append(_register(self.model, name, self._watched(fn, fired, i, name == final), front))
 
     def _watched(self, fn: Callable, fired: list[bool], i: int, final: bool) -> Callable:
         """``fn``, noting that hook ``i`` fired in this forward; the first hook (the model's input) starts a

@@ -350,6 +350,59 @@ def test_head_outputs_sum_to_attention_output(any_model):
     total = sum(heads.values()) + (0 if b_O is None else b_O)
     assert (total - cache["out"]).abs().max() <= 1e-5
 
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_hooks_already_on_the_model_see_and_change_the_patched_values(model_class):
+    """A user's hooks put on before ``patch`` at a destination's hook point (q/k/v, the MLP input, the final
+    residual) see the patched forward's full values there, as hooks added inside ``patch`` do, and what
+    they return is what the destination receives (once they saw q/k/v with no positions and their changes
+    were overwritten). Reference: zeroing layer 0's values zeroes its heads' ``z``, which the slow reference
+    gets from a hook on ``hook_z`` (a source: recorded after the user's hook, by the engine and the
+    reference alike). EAP then scores every edge into layer 0's heads exactly 0: nothing there depends on
+    them."""
+    from edgepatch.tasks import induction
+
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, seed=41), tokens(model, seed=42)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(43))
+    W[g.src_index("a0.h1")] = 0  # and a sparse corner: a head that no destination reads
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    last = model.cfg.n_layers - 1
+    watched = ("blocks.1.attn.hook_q", "blocks.1.attn.hook_v", "blocks.0.hook_mlp_in", f"blocks.{last}.hook_resid_post")
+    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero)]):
+        want = reference_patched(model, g, W, clean, corrupt)
+    before: dict = {}
+    flag = model.cfg.use_hook_mlp_in
+    try:
+        model.set_use_hook_mlp_in(True)  # (TransformerLens's own switch for hooks there)
+        model.add_hook("blocks.0.attn.hook_v", zero)
+        for name in watched:
+            model.add_hook(name, lambda x, hook, name=name: before.__setitem__(name, x.detach().clone()))
+        abl = ep.source_activations(model, g, corrupt)
+        for grad in (False, True):
+            inside: dict = {}
+            with torch.set_grad_enabled(grad), ep.patch(model, g, W.clone().requires_grad_(grad), abl):
+                with model.hooks(fwd_hooks=[(n, lambda x, hook, n=n: inside.__setitem__(n, x.detach().clone()))
+                                            for n in watched]):
+                    got = model(clean).detach()
+            assert (got - want).abs().max() <= ATOL, grad
+            for name in watched:
+                assert before[name].shape == inside[name].shape, (grad, name)
+                assert (before[name] - inside[name]).abs().max() <= 1e-6, (grad, name)
+        data = induction(model.cfg.d_vocab, n=3, seq_len=3, seed=44)
+        scores = ep.attribute(model, g, data, method="eap", progress=False).scores
+    finally:
+        model.reset_hooks(including_permanent=False)
+        model.set_use_hook_mlp_in(flag)
+    scores = torch.where(g.valid, scores, 0.0)  # (NaN where no edge exists)
+    layer0 = [d for d, name in enumerate(g.dest_names) if name.startswith("a0.")]
+    assert scores[:, layer0].abs().max() == 0
+    assert scores[:, [d for d in range(g.n_dest) if d not in layer0]].abs().max() > 0
+
+
 
 # ---------------------------------------------------------------------------------------------------
 # Weights as names, ablations, per-position weights, circuits in the batch, gradients
