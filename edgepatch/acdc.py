@@ -109,7 +109,7 @@ from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph, dest_owners
 from edgepatch.metrics import answer_view, final_logits, reads_answer_only
 from edgepatch.patching import Ablation, _check_graph, engine_flags, patch
-from edgepatch.progress import positions_id, resumable, run_fingerprint
+from edgepatch.progress import metric_id, positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["acdc", "visiting_order", "dest_owners"]
@@ -340,7 +340,7 @@ def acdc(
              "skipped": torch.zeros(graph.n_dest, dtype=torch.uint8),
              "scalars": torch.tensor([0, -1, math.nan, math.nan, 0, 0, 0, 0], dtype=torch.float64)}
     save = resumable(out, state, "ACDC search", lambda: run_fingerprint(
-        model, graph, data, ablation, metric=metric_name, threshold=threshold, absolute=absolute,
+        model, graph, data, ablation, metric=metric_id(metric), threshold=threshold, absolute=absolute,
         batch_size=batch_size, batch_candidates=batch_candidates, speculate=speculate,
         positions=positions_id(slots, names)))
     circuit, scores, tested = (state[k].view(valid.shape) for k in ("circuit", "scores", "tested"))

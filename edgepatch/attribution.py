@@ -79,7 +79,7 @@ from edgepatch.patching import (
     source_activations,
     zero_ablation,
 )
-from edgepatch.progress import digest, positions_id, resumable, run_fingerprint
+from edgepatch.progress import digest, metric_id, positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 AblationSpec = "str | Ablation"
@@ -431,7 +431,7 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
     # the scores summed over the batches done: acc is the state's tensor where it lives on the CPU
     state = {"acc": acc if acc.device.type == "cpu" else acc.cpu(), "batches_done": torch.zeros(1, dtype=torch.int64)}
     save = resumable(out, state, f"{method.upper()} run", lambda: run_fingerprint(
-        model, graph, data, ablation, metric=metric_name(metric), steps=steps, variant=variant, batch_size=batch_size,
+        model, graph, data, ablation, metric=metric_id(metric), steps=steps, variant=variant, batch_size=batch_size,
         positions=positions_id(slots, names)))
     done = int(state["batches_done"])
     if done:
@@ -578,7 +578,7 @@ def exact_patching(
     state = {"effects": torch.zeros(len(idx), dtype=torch.float64),  # summed over the (batch, chunk) done
              "done": torch.zeros(math.ceil(n / batch_size), n_chunks, dtype=torch.uint8)}
     save = resumable(out, state, "exact patching", lambda: run_fingerprint(
-        model, graph, data, ablation, metric=metric_name(metric), batch_size=batch_size,
+        model, graph, data, ablation, metric=metric_id(metric), batch_size=batch_size,
         edges_per_forward=edges_per_forward, edges=digest(todo),
         positions=positions_id(slots, names)))
     effects = state["effects"]

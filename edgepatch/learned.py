@@ -89,7 +89,7 @@ from edgepatch.graph import Graph
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
 from edgepatch.metrics import answer_view, final_logits, reads_answer_only
 from edgepatch.patching import Ablation, _check_graph, engine_flags
-from edgepatch.progress import positions_id, resumable, run_fingerprint
+from edgepatch.progress import metric_id, positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
 
 __all__ = ["learn_masks"]
@@ -221,7 +221,7 @@ def learn_masks(
         # the training state after an epoch, kept only with `out` (it copies the parameters to the CPU)
         state = _training_state(masks, opt, lambdas, lambda_opt, epochs, rng_devices) if out is not None else {}
         save = resumable(out, state, "learned masks run", lambda: run_fingerprint(
-            model, graph, data, ablation, metric=metric_name, mask_fn=kind, target_sparsity=target_sparsity,
+            model, graph, data, ablation, metric=metric_id(metric), mask_fn=kind, target_sparsity=target_sparsity,
             penalty_weight=penalty_weight, epochs=epochs, lr=lr, lambda_lr=lambda_lr, warmup=warmup,
             final_temperature=final_temperature, init=init_w, seed=seed, batch_size=batch_size,
             positions=positions_id(slots, names)))

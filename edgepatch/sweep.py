@@ -87,7 +87,7 @@ from edgepatch.metrics import (
     reads_answer_only,
 )
 from edgepatch.patching import Ablation, _check_graph, keep_buffer, patch, source_activations
-from edgepatch.progress import digest, open_progress, positions_id, run_fingerprint, save_progress
+from edgepatch.progress import digest, metric_id, open_progress, positions_id, run_fingerprint, save_progress
 from edgepatch.scores import EdgeScores, plain_number
 
 __all__ = ["edge_counts", "sweep", "SweepResult", "MIB_FRACTIONS", "COUNT_SPECS"]
@@ -607,7 +607,7 @@ def sweep(
     if out_dir is not None:
         fingerprint = run_fingerprint(
             model, graph, data, ablation, version=_FORMAT_VERSION, counts=requested, effective_counts=effective,
-            metric=mname, direction=direction, by=by, ties=ties, scores=digest(scores.scores),
+            metric=metric_id(metric), direction=direction, by=by, ties=ties, scores=digest(scores.scores),
             method=scores.method, n_prompts=len(data), random_baseline=random_baseline, seed=seed)
         if prune:  # (absent when False, so progress saved before the option existed still resumes)
             fingerprint["prune"] = True

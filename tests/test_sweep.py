@@ -417,6 +417,39 @@ def test_resume_with_other_settings_raises(tmp_path):
           progress=False)
 
 
+def test_resume_refuses_a_changed_metric_function_or_model_weight(tmp_path, fresh_model):
+    """Two things a name cannot tell apart: a custom metric changed but named as before (once taken for the
+    saved one, mixing old and new values in one result), and a model whose middle weight changed (the model
+    entry once read only the first and last parameters). A metric that keeps state (a counter) still
+    resumes, and a registered metric passed as a function is its name."""
+    graph = build_graph(fresh_model)
+    data = induction(101, n=4, seq_len=4, seed=0)
+    scores = EdgeScores(torch.randn(graph.n_src, graph.n_dest, generator=torch.Generator().manual_seed(3)), graph)
+
+    def make(scale):
+        calls = {"n": 0}
+
+        def metric(logits, data):
+            calls["n"] += 1
+            return scale * logit_diff(logits, data)
+
+        return metric
+
+    kw = dict(counts=[2, 20], progress=False)
+    first = make(1.0)
+    sweep(fresh_model, graph, scores, data, metric=first, out=tmp_path / "m", **kw)
+    sweep(fresh_model, graph, scores, data, metric=first, out=tmp_path / "m", **kw)  # its counter moved on
+    sweep(fresh_model, graph, scores, data, metric=make(1.0), out=tmp_path / "m", **kw)  # the same code and scale
+    with pytest.raises(EdgepatchError, match=r"different settings \(metric: saved 'metric#\w+', now 'metric#\w+'\)"):
+        sweep(fresh_model, graph, scores, data, metric=make(100.0), out=tmp_path / "m", **kw)
+    sweep(fresh_model, graph, scores, data, metric="logit_diff", out=tmp_path / "n", **kw)
+    sweep(fresh_model, graph, scores, data, metric=ep.metrics.logit_diff, out=tmp_path / "n", **kw)
+    with torch.no_grad():
+        fresh_model.blocks[1].attn.W_V.mul_(3.0)
+    with pytest.raises(EdgepatchError, match=r"different settings \(model: saved"):
+        sweep(fresh_model, graph, scores, data, metric="logit_diff", out=tmp_path / "n", **kw)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------------------
