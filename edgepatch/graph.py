@@ -45,7 +45,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 import torch
 from jaxtyping import Bool
@@ -234,6 +234,12 @@ class Graph:
         """A ``[n_src, n_dest]`` bool mask with True on the named edges (unknown names raise)."""
         if isinstance(names, str):
             names = [names]
+        if isinstance(names, Mapping):
+            raise EdgepatchError(
+                f"Got a dict of {len(names)} edges where edge names are expected; its values would be ignored. Pass "
+                f"list(d) for its edges, or, for scores, EdgeScores(graph.from_edges(...), graph) and "
+                f"scores.circuit(k) (or a threshold: [e for e, v in d.items() if v > t])."
+            )
         mask = torch.zeros(self.n_src, self.n_dest, dtype=torch.bool)
         idx = [self.edge(n) for n in names]
         if idx:

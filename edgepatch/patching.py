@@ -60,7 +60,7 @@ import math
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -2022,6 +2022,12 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
     if isinstance(weights, str):
         raise EdgepatchError(
             f"weights is a single string {weights!r}; pass a list of edge names to keep, e.g. [{weights!r}]."
+        )
+    if isinstance(weights, Mapping):
+        raise EdgepatchError(
+            f"weights is a dict of {len(weights)} edges; edgepatch does not guess what the other edges get. Build "
+            f"the weights: W = torch.ones(graph.n_src, graph.n_dest) (or torch.zeros), then W[graph.edge(name)] = "
+            f"value for each entry; or pass list(d) to keep just those edges and ablate the rest."
         )
     if not isinstance(weights, Tensor):
         try:

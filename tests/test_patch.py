@@ -743,6 +743,10 @@ def test_errors_leave_model_unchanged(fresh_model):
     with pytest.raises(EdgepatchError, match=r"weights is a single string 'a0.h1->m1'; pass a list"):
         with ep.patch(model, g, "a0.h1->m1", abl):
             pass
+    with pytest.raises(EdgepatchError, match=r"weights is a dict of 2 edges; edgepatch does not guess what the other "
+                                             r"edges get\. .*W\[graph\.edge\(name\)\] = value .* list\(d\)"):
+        with ep.patch(model, g, {"a0.h1->m1": 0.0, "m1->logits": 0.5}, abl):  # (once: both kept, values ignored)
+            pass
     with pytest.raises(EdgepatchError, match=r"tokens must be token ids"):
         ep.source_activations(model, g, torch.rand(2, 3))
     assert_unchanged(model, before)

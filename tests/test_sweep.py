@@ -702,6 +702,9 @@ def test_evaluate_circuit_bad_input():
         ep.evaluate_circuit(model, graph, scores, data)
     with pytest.raises(EdgepatchError, match=r"counts= does not apply to a single circuit"):
         ep.evaluate_circuit(model, graph, ["m1->logits"], data, counts=[3])
+    with pytest.raises(EdgepatchError, match=r"Got a dict of \d+ edges where edge names are expected; its values "
+                                             r"would be ignored\. Pass list\(d\) .* scores\.circuit\(k\)"):
+        ep.evaluate_circuit(model, graph, scores.to_dict(), data)  # (once: every edge, as a circuit)
     with pytest.raises(EdgepatchError, match=r"must be edge names, a \[n_src, n_dest\] mask .* got int"):
         ep.evaluate_circuit(model, graph, 3, data)
     with pytest.raises(EdgepatchError, match=r"circuit .*shape|shape.*circuit"):
