@@ -2016,9 +2016,10 @@ def _check_tokens(tokens: Any, spec: ModelSpec, what: str) -> None:
         raise EdgepatchError(f"{what} must be token ids, an integer tensor [batch, pos]; got {desc}.")
 
 
-def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Tensor:
+def as_weights(graph: Graph, weights: Weights, per_position: bool = False, values: bool = True) -> Tensor:
     """Validate and convert ``weights`` (a dense tensor, or edge names to keep) to a float tensor
-    ``[n_src, n_dest]`` (``[slots, n_src, n_dest]`` with per-position weights)."""
+    ``[n_src, n_dest]`` (``[slots, n_src, n_dest]`` with per-position weights). ``values``: also check that
+    they are numbers in [0, 1] (not with gradients)."""
     if isinstance(weights, str):
         raise EdgepatchError(
             f"weights is a single string {weights!r}; pass a list of edge names to keep, e.g. [{weights!r}]."
@@ -2057,7 +2058,7 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
     graph.check_shape(w)
     if not w.is_floating_point():
         w = w.float()
-    if not w.requires_grad:
+    if values and not w.requires_grad:
         valid = graph.valid.to(w.device)
         bad = torch.isnan(w) & valid
         if bool(bad.any()):
@@ -2076,6 +2077,19 @@ def as_weights(graph: Graph, weights: Weights, per_position: bool = False) -> Te
                 f"parameters through a mask function (ep.mask_fn)."
             )
     return w
+
+
+def _called_weights(fn: Callable[[], Tensor], graph: Graph, per_position: bool) -> Tensor:
+    """The weights a callable gives for this forward, checked as :func:`as_weights` checks a tensor: their
+    values too where they are on the CPU (on a GPU that would wait for the device in every forward)."""
+    w = fn()
+    if not isinstance(w, Tensor):
+        raise EdgepatchError(
+            f"patch: the weights callable returned {type(w).__name__}; it must return a weight tensor as patch "
+            f"takes one ([n_src, n_dest] = [{graph.n_src}, {graph.n_dest}] for {graph!r}), e.g. a mask function "
+            f"of trainable parameters (ep.mask_fn)."
+        )
+    return as_weights(graph, w, per_position=per_position, values=w.device.type == "cpu")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -2147,7 +2161,7 @@ def patch(
 
     fixed_weights: Tensor | None = None
     if callable(weights) and not isinstance(weights, Tensor):
-        weight_fn = weights
+        weight_fn = functools.partial(_called_weights, weights, graph, per_position)
     else:
         fixed = as_weights(graph, weights, per_position=per_position)
         if per_position and fixed.ndim == 4 and not isinstance(positions, Tensor):

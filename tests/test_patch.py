@@ -747,6 +747,15 @@ def test_errors_leave_model_unchanged(fresh_model):
                                              r"edges get\. .*W\[graph\.edge\(name\)\] = value .* list\(d\)"):
         with ep.patch(model, g, {"a0.h1->m1": 0.0, "m1->logits": 0.5}, abl):  # (once: both kept, values ignored)
             pass
+    # a callable's weights are checked in every forward, as a tensor's are once (once: not at all, a wrong
+    # shape failed deep in the engine and NaN or 5.0 ran)
+    for fn, message in ((lambda: torch.ones(g.n_dest, g.n_src), r"weights has shape \[\d+, \d+\]; expected \[n_src, n_dest\]"),
+                        (lambda: None, r"the weights callable returned NoneType; it must return a weight tensor"),
+                        (lambda: torch.full((g.n_src, g.n_dest), float("nan")), r"weights contain \d+ NaN value"),
+                        (lambda: torch.full((g.n_src, g.n_dest), 5.0), r"weights must lie in \[0, 1\]")):
+        with pytest.raises(EdgepatchError, match=message):
+            with ep.patch(model, g, fn, abl):
+                model(clean)
     with pytest.raises(EdgepatchError, match=r"tokens must be token ids"):
         ep.source_activations(model, g, torch.rand(2, 3))
     assert_unchanged(model, before)
