@@ -970,14 +970,29 @@ class _Engine:
             self.hook_specs = self.hook_list()
         fired = [False] * len(self.hook_specs)
         final = self.plan[-1][0]  # the logits' hook: the last of a forward
-        # Where a destination reads, the engine's hook puts the patched value in place before any hook that
-        # was there already (a user's): that hook sees, and may change, what the destination receives in the
-        # patched forward. Where a source writes, the engine's hook records after them: what they changed
-        # is the source's output.
+        # Where a destination reads, the engine's hook puts the patched value in place before any other hook
+        # there (a user's, also one added later): that hook sees, and may change, what the destination
+        # receives in the patched forward. Where a source writes (and where the engine reads the residual
+        # stream), the engine's hook runs after every other: what they change is the source's output. Hooks
+        # added later (run_with_hooks inside patch) would run after it, so at the start of every forward a
+        # pre-hook at the model's input hook point (the first the engine has; TransformerLens's run_with_hooks
+        # calls forward() itself, past any hook on the model) moves the engine's reading hooks back to the end.
         dests = {name for name, _, _ in self.plan}
+        last = []
         for i, (name, fn) in enumerate(self.hook_specs):
             front = name in dests or name.endswith((".attn.hook_q", ".attn.hook_k", ".attn.hook_v"))
-            self.handles.append(_register(self.model, name, self._watched(fn, fired, i, name == final), front))
+            handle = _register(self.model, name, self._watched(fn, fired, i, name == final), front)
+            self.handles.append(handle)
+            if not front:
+                last.append((handle.hooks_dict_ref, handle.id))
+
+        def readers_last(module: Any, args: Any) -> None:
+            for ref, key in last:
+                hooks = ref()
+                if hooks is not None and len(hooks) > 1 and next(reversed(hooks)) != key:
+                    hooks.move_to_end(key)
+
+        self.handles.append(_hook_point(self.model, self.hook_specs[0][0]).register_forward_pre_hook(readers_last))
 
     def _watched(self, fn: Callable, fired: list[bool], i: int, final: bool) -> Callable:
         """``fn``, noting that hook ``i`` fired in this forward; the first hook (the model's input) starts a

@@ -351,6 +351,45 @@ def test_head_outputs_sum_to_attention_output(any_model):
     assert (total - cache["out"]).abs().max() <= 1e-5
 
 @pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_hooks_that_change_sources_count_however_they_are_added(model_class):
+    """A user's hooks that change a source's output (the input, a head's z, an MLP's output) change what the
+    engine records as that source, whether they were put on before ``patch``, inside it with
+    ``model.hooks``, or by ``run_with_hooks`` (which calls ``forward`` itself): the engine's recording hooks
+    run after them. Once, hooks added inside ``patch`` ran after the recording: the residual stream carried
+    the changed output and the destinations subtracted the unchanged one. Reference: the slow reference
+    with the same hooks on (its recording hooks come after them)."""
+    model = cached_model("tiny", model_class)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, seed=45), tokens(model, seed=46)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(47))
+    W[g.src_index("m0")] = 0  # and a source none reads: its change must cancel out of every destination
+
+    def head0(z, hook):
+        z = z.clone()
+        z[:, :, 0] = 3 * z[:, :, 0]
+        return z
+
+    user = [("blocks.0.hook_resid_pre", lambda x, hook: x + 0.5), ("blocks.1.attn.hook_z", head0),
+            ("blocks.0.hook_mlp_out", lambda x, hook: 3 * x)]
+    with torch.no_grad(), model.hooks(fwd_hooks=user):
+        want = reference_patched(model, g, W, clean, corrupt)
+        abl = ep.source_activations(model, g, corrupt)
+    got = {}
+    with torch.no_grad():
+        with ep.patch(model, g, W, abl):
+            with model.hooks(fwd_hooks=user):
+                got["model.hooks inside"] = model(clean)
+            got["run_with_hooks inside"] = model.run_with_hooks(clean, fwd_hooks=user)
+        with model.hooks(fwd_hooks=user), ep.patch(model, g, W, abl):
+            got["model.hooks outside"] = model(clean)
+    with ep.patch(model, g, W.clone().requires_grad_(True), abl), model.hooks(fwd_hooks=user):
+        got["with gradients"] = model(clean).detach()
+    for how, logits in got.items():
+        assert (logits - want).abs().max() <= ATOL, how
+    assert not any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
 def test_hooks_already_on_the_model_see_and_change_the_patched_values(model_class):
     """A user's hooks put on before ``patch`` at a destination's hook point (q/k/v, the MLP input, the final
     residual) see the patched forward's full values there, as hooks added inside ``patch`` do, and what
