@@ -704,11 +704,11 @@ class Projections:
             # TransformerBridge's own normalization: float32, the affine map too, then the input's dtype
             eps = getattr(ln.config, "eps", 1e-5)
             w = ln.weight
-            w = ((1.0 + w) if getattr(ln.config, "rmsnorm_uses_offset", False) else w).float()
+            w = ((1.0 + w) if getattr(ln.config, "rmsnorm_uses_offset", False) else w).to(xf.dtype)
             if ln.uses_rms_norm:
                 return F.rms_norm(xf, (m,), w, eps=eps).to(dtype)
             bias = getattr(comp, "bias", None)
-            return F.layer_norm(xf, (m,), w, None if bias is None else bias.float(), eps=eps).to(dtype)
+            return F.layer_norm(xf, (m,), w, None if bias is None else bias.to(xf.dtype), eps=eps).to(dtype)
         name = type(ln).__name__
         if name == "Identity":
             return x

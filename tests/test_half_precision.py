@@ -5,7 +5,8 @@ Half precision cannot meet the float32 tolerances of test_patch.py. The bound he
 model: the engine's error against the float32 reference may be at most twice the larger of the errors
 of (a) the same slow reference run in half precision and (b) the plain half-precision forward, both
 against float32. Each test also asserts that the effect it measures is at least ten times that bound,
-so an engine that patched nothing (or scored nothing) could not pass."""
+so an engine that patched nothing (or scored nothing) could not pass. Float64 models, at the end, are held
+to float64's precision."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_sweep_in_half_precision(dtype):
     assert rh.values.dtype == r32.values.dtype  # metrics are accumulated in full precision
     assert _err(rh.values, r32.values) <= 4 * spread
     assert _err(r32.values[0], r32.values[-1]) > 10 * 4 * spread
+
+
+@pytest.mark.parametrize("model_class", ["hooked", "bridge"])
+def test_float64_models_patch_and_attribute_exactly(model_class):
+    """A float64 model (for exact checks, as planted models use) patches and attributes in float64, against
+    the slow reference and autograd on the same model at float64's precision. Once, the bridge's
+    normalization of the mixed inputs took float32 weights with float64 inputs and every patched forward
+    with gradients, or with a circuit, stopped with torch's mixed-dtype error."""
+    requires(model_class)
+    model = ep.random_model("tiny", model_class=model_class, seed=0, dtype=torch.float64)
+    g = ep.build_graph(model)
+    clean, corrupt = tokens(model, seed=3), tokens(model, seed=4)
+    W = torch.rand(g.n_src, g.n_dest, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        abl = ep.source_activations(model, g, corrupt)
+        with ep.patch(model, g, W, abl):
+            got = model(clean)
+        want = reference_patched(model, g, W, clean, corrupt)
+        plain = model(clean)
+    assert got.dtype == torch.float64
+    assert _err(got, want) <= 1e-10 < 1e-3 <= _err(want, plain)
+    data = data_for(model)
+    scores = eap(model, g, data, "logit_diff", batch_size=4, progress=False).scores
+    ref = autograd_reference(model, g, data)
+    v = g.valid
+    assert _err(scores[v], ref[v]) <= 1e-6 * float(ref[v].abs().max())  # (scores are accumulated in float32)
