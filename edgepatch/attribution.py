@@ -62,7 +62,7 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError, shape_str, suggest
 from edgepatch.graph import Graph, dest_groups, is_post_norm
 from edgepatch.masks import frozen
-from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only
+from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only, with_gradient
 from edgepatch.patching import (
     _PROJECTION_FLAGS,
     Ablation,
@@ -472,6 +472,7 @@ def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptP
     eg = graph.engine_graph
     tokens = full.clean
     m = prepared_metric(model, metric, full, answer_pos=answer_pos)
+    method_name = "EAP" if variant == "inputs" and steps == 1 else "EAP-IG"
 
     def run(tokens: Tensor) -> Tensor:  # the logits the metric reads
         return final_logits(model, tokens, answer_pos)
@@ -482,13 +483,13 @@ def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptP
             wk = (w * (k / steps)).requires_grad_(True)
             with patch(model, graph, lambda wk=wk: wk, abl, positions=slots):
                 logits = run(tokens)
-            (m(logits, mdata).sum() / (n * steps)).backward()
+            (with_gradient(m(logits, mdata), metric, method_name).sum() / (n * steps)).backward()
             acc -= wk.grad.detach()  # probe convention: acc holds +grad.D; here -dM/dw ... see _integrated
             bar.update(1)
         return
     if variant == "inputs" and steps == 1:  # EAP: the probe records the clean run's o - â itself
         with _probe(model, graph, acc, abl, slots=slots) as engine:
-            objective = m(run(tokens), mdata).sum() / n
+            objective = with_gradient(m(run(tokens), mdata), metric, method_name).sum() / n
             engine.abl = None  # the ablated values and the logits are not needed by the backward:
             abl = None  # free them before it, which is where EAP's memory peaks
             objective.backward()
@@ -510,7 +511,7 @@ def _integrate_batch(model: Any, graph: Graph, full: PromptPairs, mdata: PromptP
         override = (lambda x, t=target: t.clone().requires_grad_(True))
         with _probe(model, graph, acc, abl, fixed_diff=clean_diff, input_override=override, slots=slots):
             logits = run(tokens)
-            (m(logits, mdata).sum() / (n * len(alphas))).backward()
+            (with_gradient(m(logits, mdata), metric, method_name).sum() / (n * len(alphas))).backward()
         bar.update(1)
 
 

@@ -87,7 +87,7 @@ from edgepatch.data import PromptPairs
 from edgepatch.errors import EdgepatchError
 from edgepatch.graph import Graph
 from edgepatch.masks import ContinuousSparsification, EdgeMasks, make_mask_fn, train_masks
-from edgepatch.metrics import answer_view, final_logits, reads_answer_only
+from edgepatch.metrics import answer_view, final_logits, reads_answer_only, with_gradient
 from edgepatch.patching import Ablation, _check_graph, engine_flags
 from edgepatch.progress import metric_id, positions_id, resumable, run_fingerprint
 from edgepatch.scores import EdgeScores
@@ -245,7 +245,7 @@ def learn_masks(
                 with ctx:
                     tokens = batch.clean.to(device)
                     logits = final_logits(model, tokens, batch.answer_pos.to(device)) if fast else model(tokens)
-                faith = _faithfulness_loss(metric_b, logits, view)
+                faith = with_gradient(_faithfulness_loss(metric_b, logits, view), metric, "learned masks")
                 density = masks.penalty() / n_edges
                 if target is None:
                     loss = faith + penalty_weight * density

@@ -446,6 +446,26 @@ def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------
 # Unembedding only what a metric reads (internal forwards of sweeps and attribution)
 # ------------------------------------------------------------------------------------------------------
+def with_gradient(value: Tensor, metric: Any, method: str) -> Tensor:
+    """``value``, the metric of logits that carry a gradient, for ``method`` to differentiate; an error that
+    says why and what to use instead when it carries none (once torch's "element 0 of tensors does not
+    require grad")."""
+    if value.requires_grad or not torch.is_grad_enabled():
+        return value
+    name = metric if isinstance(metric, str) else (getattr(metric, "metric_name", None)
+                                                   or getattr(metric, "__name__", None) or type(metric).__name__)
+    why = ("it is a step function of the logits, whose gradient is zero everywhere" if name == "accuracy" else
+           "its value does not depend on the logits through autograd (.detach(), .item(), argmax, an integer "
+           "result or a newly built tensor break the chain)")
+    from edgepatch.errors import EdgepatchError
+
+    raise EdgepatchError(
+        f"{method} needs the gradient of the metric, but {name!r} has none: {why}. Use a differentiable metric "
+        f"such as 'logit_diff', 'logprob' or 'prob_diff' (a callable: torch operations on the logits), or a "
+        f"method that only evaluates the metric (exact patching, ACDC, sweeps)."
+    )
+
+
 def reads_answer_only(metric: Callable) -> bool:
     """Whether ``metric`` (resolved) is a built-in one, which reads the logits at ``answer_pos`` only."""
     if isinstance(metric, KLDivergence):

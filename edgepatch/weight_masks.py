@@ -172,6 +172,7 @@ from edgepatch.metrics import (
     get_metric,
     normalized_faithfulness,
     reads_answer_only,
+    with_gradient,
 )
 
 __all__ = [
@@ -1112,7 +1113,7 @@ def train_weight_masks(
                         task = KLDivergence(part_clean)(logits, view).mean()
                     else:
                         fn = metric_fn.prepare(part_clean) if getattr(metric_fn, "needs_clean", False) else metric_fn
-                        task = sign * fn(logits, view).mean()
+                        task = sign * with_gradient(fn(logits, view), metric, "weight masks").mean()
                     dens = masks.expected_density()
                     if target is not None:
                         ramp = 0.5 * (1.0 - math.cos(math.pi * min(1.0, (step + 1) / warm_steps)))

@@ -341,6 +341,31 @@ def test_eap_with_kl_warns_that_its_gradient_is_zero():
     assert ig.scores[v].abs().max() > 1e-4
 
 
+def test_gradient_methods_refuse_a_metric_without_gradient(fresh_model):
+    """Accuracy (a step function) and a callable that detaches its result give no gradient: EAP, EAP-IG,
+    learned masks and weight masks stop with an error that says why and what to use (once EAP raised torch's
+    "element 0 of tensors does not require grad" and learned masks trained on a zero gradient), and leave
+    the model as it was. Exact patching, which only evaluates the metric, takes them."""
+    g = ep.build_graph(fresh_model)
+    data = data_for(fresh_model)
+    before = model_snapshot(fresh_model)
+    logit_diff = get_metric("logit_diff")
+
+    def detached(logits, data):
+        return logit_diff(logits, data).detach()
+
+    for metric, why in (("accuracy", "a step function of the logits"), (detached, "does not depend on the logits")):
+        for method, kw in (("eap", {}), ("eap-ig", {"steps": 2}), ("learned", {"epochs": 1})):
+            with pytest.raises(EdgepatchError, match=rf"needs the gradient of the metric, but '\w+' has none: .*{why}"
+                                                     rf".*'logit_diff'"):
+                attribute(fresh_model, g, data, metric=metric, method=method, progress=False, **kw)
+            assert_unchanged(fresh_model, before)
+        with pytest.raises(EdgepatchError, match=r"weight masks needs the gradient of the metric"):
+            ep.train_weight_masks(fresh_model, data, metric=metric, objective="metric", epochs=1, progress=False)
+        assert_unchanged(fresh_model, before)
+        attribute(fresh_model, g, data, metric=metric, method="exact", progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-position scores
 # ---------------------------------------------------------------------------------------------------
