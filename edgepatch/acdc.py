@@ -280,6 +280,8 @@ def acdc(
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise EdgepatchError(f"threshold must be a number; got {threshold!r}.") from None
+    if math.isnan(threshold):
+        raise EdgepatchError("threshold is NaN; give a number (a change of the metric below it removes an edge).")
     if speculate not in ("adaptive", "keep", "remove"):
         raise EdgepatchError(f"speculate must be 'adaptive', 'keep' or 'remove'; got {speculate!r}.")
     metric_fn, metric_name = _resolve_metric(metric)

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from edgepatch.data import PromptPairs
-from edgepatch.errors import EdgepatchError, shape_str, suggest
+from edgepatch.errors import EdgepatchError, positive_int, shape_str, suggest
 from edgepatch.graph import Graph, dest_groups, is_post_norm
 from edgepatch.masks import frozen
 from edgepatch.metrics import answer_view, final_logits, get_metric, reads_answer_only, with_gradient
@@ -418,6 +418,7 @@ def _integrated(model: Any, graph: Graph, data: PromptPairs, metric: Any, *, abl
                 slot_names: Any = None, out: str | os.PathLike | None = None) -> EdgeScores:
     _check_graph(model, graph)
     data = check_data(model, data)
+    batch_size = positive_int(batch_size, "batch_size")
     slots, names = position_slots(positions, data, slot_names)
     device = model_device(model)
     data = data.to(device)
@@ -557,6 +558,9 @@ def exact_patching(
     it with ``edges``."""
     _check_graph(model, graph)
     data = check_data(model, data).to(model_device(model))
+    batch_size = positive_int(batch_size, "batch_size")
+    if edges_per_forward is not None:
+        edges_per_forward = positive_int(edges_per_forward, "edges_per_forward")
     slots, names = position_slots(positions, data, slot_names)
     device = model_device(model)
     g = graph

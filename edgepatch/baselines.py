@@ -41,7 +41,7 @@ import torch
 
 from edgepatch.attribution import ABLATIONS, AblationSource, batches, check_data, progress_bar
 from edgepatch.data import PromptPairs
-from edgepatch.errors import EdgepatchError, suggest
+from edgepatch.errors import EdgepatchError, positive_int, suggest
 from edgepatch.graph import Graph
 from edgepatch.metrics import KLDivergence, get_metric
 from edgepatch.patching import Ablation, _check_graph, engine_flags, source_activations
@@ -60,9 +60,7 @@ def _check_data(model: Any, data: Any) -> PromptPairs:
 
 
 def _check_batch_size(batch_size: Any, name: str = "batch_size") -> int:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise EdgepatchError(f"{name} must be a positive int; got {batch_size!r}.")
-    return batch_size
+    return positive_int(batch_size, name)
 
 
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:

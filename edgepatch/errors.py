@@ -25,3 +25,10 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
 
 def shape_str(shape: Iterable[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def positive_int(value: object, name: str) -> int:
+    """``value`` when it is an int >= 1 (not a bool), else an error naming ``name`` and what was given."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise EdgepatchError(f"{name} must be a positive int; got {value!r}.")
+    return value

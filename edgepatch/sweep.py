@@ -531,6 +531,8 @@ def sweep(
         isinstance(max_circuits_per_forward, bool) or not isinstance(max_circuits_per_forward, int) or max_circuits_per_forward < 1
     ):
         raise EdgepatchError(f"max_circuits_per_forward must be None or a positive int; got {max_circuits_per_forward!r}.")
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
+        raise EdgepatchError(f"memory_budget_mb must be a positive number of megabytes; got {memory_budget_mb!r}.")
     resolved = get_metric(metric)
     mname = _metric_name(metric, resolved)
     spec_name = counts if isinstance(counts, str) else "list"

@@ -406,6 +406,8 @@ def test_errors(data):
         acdc(model, graph, data, speculate="maybe", progress=False)
     with pytest.raises(EdgepatchError, match="threshold must be a number"):
         acdc(model, graph, data, threshold="big", progress=False)
+    with pytest.raises(EdgepatchError, match="threshold is NaN; give a number"):  # (once: kept every edge)
+        acdc(model, graph, data, threshold=float("nan"), progress=False)
     with pytest.raises(EdgepatchError, match="batch_candidates must be a positive int"):
         acdc(model, graph, data, batch_candidates=0, progress=False)
     with pytest.raises(EdgepatchError, match="ablation must be one of"):

@@ -341,6 +341,15 @@ def test_eap_with_kl_warns_that_its_gradient_is_zero():
     assert ig.scores[v].abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "exact"])
+@pytest.mark.parametrize("batch_size", [0, 2.0, True])
+def test_batch_size_is_checked(method, batch_size):
+    """(Once: 0 raised ZeroDivisionError, 2.0 a TypeError deep inside, True ran as a batch of 1.)"""
+    model = cached_model("tiny", ANY_CLASS)
+    with pytest.raises(EdgepatchError, match=rf"batch_size must be a positive int; got {batch_size!r}\."):
+        attribute(model, ep.build_graph(model), data_for(model), method=method, batch_size=batch_size, progress=False)
+
+
 def test_gradient_methods_refuse_a_metric_without_gradient(fresh_model):
     """Accuracy (a step function) and a callable that detaches its result give no gradient: EAP, EAP-IG,
     learned masks and weight masks stop with an error that says why and what to use (once EAP raised torch's

@@ -462,6 +462,7 @@ def test_resume_refuses_a_changed_metric_function_or_model_weight(tmp_path, fres
     (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
     (dict(random_baseline=-1), "random_baseline must be an int >= 0; got -1"),
     (dict(max_circuits_per_forward=0), "max_circuits_per_forward must be None or a positive int; got 0"),
+    (dict(memory_budget_mb=float("nan")), "memory_budget_mb must be a positive number of megabytes; got nan"),
     (dict(metric="logit_dif"), "Unknown metric 'logit_dif'. Did you mean 'logit_diff'"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, message):
