@@ -715,4 +715,12 @@ def attribute(
         )
     fn, fixed, defaults = methods[key]
     _check_options(key, fn, fixed, options)
-    return fn(model, graph, data, metric, **{**defaults, **options, **fixed})
+    scores = fn(model, graph, data, metric, **{**defaults, **options, **fixed})
+    nan = int(torch.isnan(scores.flat).sum())
+    if nan:
+        warnings.warn(
+            f"attribute({method!r}): {nan} of {scores.flat.numel()} scores are NaN: the metric gave NaN (or an "
+            f"infinity) on some prompts (a log of 0, a division by 0?). Rankings, sweeps and circuits of these "
+            f"scores are not meaningful; check the metric on the clean and corrupted runs.",
+            RuntimeWarning, stacklevel=2)
+    return scores

@@ -210,9 +210,10 @@ class EdgeScores:
     def __repr__(self) -> str:
         f = self.flat
         where = f", {len(self.slots)} position slots" if self.slots is not None else ""
+        nan = int(torch.isnan(f).sum())
         return (
             f"EdgeScores({self.method}{', ' + self.metric if self.metric else ''}, {self.graph!r}{where}, "
-            f"|score| max {float(f.abs().nan_to_num(0).max()):.3g})"
+            f"|score| max {float(f.abs().nan_to_num(0).max()):.3g}{f', {nan} NaN' if nan else ''})"
         )
 
 

@@ -357,7 +357,10 @@ class SweepResult:
 
     def __repr__(self) -> str:
         norm = self.normalized
-        rng = f"{float(norm.nan_to_num(0).min()):.2f}..{float(norm.nan_to_num(0).max()):.2f}" if norm.numel() else "-"
+        ok = norm[~torch.isnan(norm)]
+        rng = f"{float(ok.min()):.2f}..{float(ok.max()):.2f}" if ok.numel() else "-"
+        if ok.numel() < norm.numel():  # (the clean and ablated metrics equal, or a metric that gave NaN)
+            rng += f" ({norm.numel() - ok.numel()} NaN)"
         rnd = f", {self.random_values.shape[0]} random draws" if self.random_values.shape[0] else ""
         return (
             f"SweepResult({self.method}, {self.metric}, {self.direction}, {self.ablation}: {len(self.counts)} counts x "

@@ -341,6 +341,25 @@ def test_eap_with_kl_warns_that_its_gradient_is_zero():
     assert ig.scores[v].abs().max() > 1e-4
 
 
+def test_a_metric_that_gives_nan_is_reported():
+    """A metric that gives NaN makes NaN scores: attribute warns, and the reprs say NaN (once they showed
+    "|score| max 0" and "faithfulness 0.00..0.00")."""
+    model = cached_model("tiny", ANY_CLASS)
+    g = ep.build_graph(model)
+    data = data_for(model)
+
+    def nan_metric(logits, data):
+        return logits[:, -1, 0] * float("nan")
+
+    for method in ("eap", "exact"):
+        with pytest.warns(RuntimeWarning, match=rf"attribute\('{method}'\): {g.n_edges} of {g.n_edges} scores are NaN"):
+            s = attribute(model, g, data, metric=nan_metric, method=method, progress=False)
+        assert repr(s).endswith(f"|score| max 0, {g.n_edges} NaN)")
+    r = ep.sweep(model, g, s, data, counts=[1, 5], metric=nan_metric, progress=False)
+    assert repr(r).endswith("faithfulness - (2 NaN))")
+    assert "NaN" not in repr(attribute(model, g, data, method="eap", progress=False))
+
+
 @pytest.mark.parametrize("method", ["eap", "eap-ig", "exact"])
 @pytest.mark.parametrize("batch_size", [0, 2.0, True])
 def test_batch_size_is_checked(method, batch_size):
