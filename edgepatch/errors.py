@@ -32,3 +32,9 @@ def positive_int(value: object, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise EdgepatchError(f"{name} must be a positive int; got {value!r}.")
     return value
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an error message."""
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -79,7 +79,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from edgepatch.errors import EdgepatchError, shape_str, suggest
+from edgepatch.errors import EdgepatchError, shape_str, short_repr, suggest
 from edgepatch.graph import Graph, ModelSpec, graph_from_spec
 from edgepatch.progress import atomic_save, atomic_write, atomic_write_text
 from edgepatch.scores import EdgeScores, require_edge_scores
@@ -536,12 +536,17 @@ def from_mib_json(path_or_dict: str | os.PathLike | Mapping[str, Any], graph: Gr
             d = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EdgepatchError(f"{where} is not valid JSON ({err}).") from None
+        except RecursionError:
+            raise EdgepatchError(f"{where} is JSON nested too deeply to be a graph file.") from None
     if not isinstance(d, Mapping) or not isinstance(d.get("edges"), Mapping):
         raise EdgepatchError(
             f"{where} is not MIB / EAP-IG graph JSON: expected a dict with 'cfg', 'nodes' and 'edges' "
             f"(edges: {{'src->dest': {{'score': float, 'in_graph': bool}}}})."
         )
     nodes = d.get("nodes") if isinstance(d.get("nodes"), Mapping) else {}
+    for n, v in nodes.items():
+        if isinstance(v, Mapping) and v.get("neurons") is not None and not isinstance(v["neurons"], (list, tuple)):
+            raise EdgepatchError(f"{where}: node {n!r} has neurons {short_repr(v['neurons'])}; expected a list of booleans.")
     partial = [n for n, v in nodes.items() if isinstance(v, Mapping) and v.get("neurons") is not None
                and not all(bool(x) for x in v["neurons"])]
     meta = d.get("edgepatch") if isinstance(d.get("edgepatch"), Mapping) else {}
@@ -634,6 +639,8 @@ def _read_bytes(path: str | os.PathLike) -> tuple[str, bytes]:
         return where, Path(path).read_bytes()
     except FileNotFoundError:
         raise EdgepatchError(f"No such file: {where}.") from None
+    except IsADirectoryError:
+        raise EdgepatchError(f"{where} is a folder; give the path of a graph file in it.") from None
 
 
 # What a graph file's pickle may refer to: tensors rebuilt from their storages, ordered dicts (a tensor's
@@ -676,6 +683,8 @@ def _load_graph_pt(raw: bytes, where: str) -> Mapping[str, Any]:
                     f"{where} refers to {what}, which a graph file of tensors, lists and dicts does not; edgepatch "
                     f"does not load it (loading could run code from the file). {convert}"
                 )
+    except EdgepatchError:
+        raise
     except (ValueError, EOFError) as err:
         raise EdgepatchError(f"{where}: its data.pkl is not a valid pickle ({err}).") from None
     try:
@@ -709,6 +718,8 @@ def _import_mib(cfg: Any, nodes: Mapping[str, Any], edges: Mapping[str, Any], pa
     cfg = cfg if isinstance(cfg, Mapping) else {}
     spec = graph.spec
     for key, mine in (("n_layers", spec.n_layers), ("n_heads", spec.n_heads)):
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+            raise EdgepatchError(f"{where}: cfg {key} is {short_repr(cfg[key])}; expected a number.")
         if key in cfg and int(cfg[key]) != mine:
             raise EdgepatchError(
                 f"{where} describes a model with {key}={cfg[key]} but {graph!r} has {key}={mine}; import it into the "
@@ -724,9 +735,23 @@ def _import_mib(cfg: Any, nodes: Mapping[str, Any], edges: Mapping[str, Any], pa
             f"matter), or pass strict=False to ignore them."
         )
 
-    def score_of(e: Any) -> float:
+    def score_of(name: str, e: Any) -> float:
         s = e.get("score") if isinstance(e, Mapping) else None
-        return math.nan if s is None else float(s)
+        if s is None:
+            return math.nan
+        if isinstance(s, Tensor) and s.numel() == 1:
+            s = s.item()
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise EdgepatchError(f"{where}: edge {name!r} has score {short_repr(s)}; expected a number (or null).")
+        return float(s)
+
+    def kept_of(name: str, e: Any) -> bool:
+        v = e.get("in_graph", False) if isinstance(e, Mapping) else False
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        if not isinstance(v, (bool, int)) or v not in (0, 1):  # (a string "false" would be true)
+            raise EdgepatchError(f"{where}: edge {name!r} has in_graph {short_repr(v)}; expected true or false.")
+        return bool(v)
 
     if partial:
         warnings.warn(
@@ -737,18 +762,18 @@ def _import_mib(cfg: Any, nodes: Mapping[str, Any], edges: Mapping[str, Any], pa
     node_scores = None
     if graph.level == "node":
         if all(isinstance(nodes.get(s), Mapping) and nodes[s].get("score") is not None for s in graph.src_names):
-            node_scores = [float(nodes[s]["score"]) for s in graph.src_names]
+            node_scores = [score_of(s, nodes[s]) for s in graph.src_names]
     flat, kept, missing = [], [], []
     for i, group in enumerate(names):
-        found = [edges[n] for n in group if n in edges]
+        found = [(n, edges[n]) for n in group if n in edges]
         if not found:
             missing.append(graph.edge_names[i])
             flat.append(math.nan)
             kept.append(False)
             continue
-        vals = [score_of(e) for e in found]
+        vals = [score_of(n, e) for n, e in found]
         flat.append(sum(vals) / len(vals))
-        kept.append(any(bool(e.get("in_graph", False)) for e in found if isinstance(e, Mapping)))
+        kept.append(any([kept_of(n, e) for n, e in found]))
     if node_scores is not None:
         flat = node_scores
     if missing and strict:

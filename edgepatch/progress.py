@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from edgepatch.data import PromptPairs
-from edgepatch.errors import EdgepatchError
+from edgepatch.errors import EdgepatchError, short_repr
 from edgepatch.graph import Graph, model_spec
 
 
@@ -208,7 +208,7 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The entries of two fingerprints that differ, as ``key: saved ..., now ...`` (at most four), for an error
     message; ``""`` when they are equal."""
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    shown = "; ".join(f"{k}: saved {_short(old.get(k))}, now {_short(new.get(k))}" for k in diffs[:4])
+    shown = "; ".join(f"{k}: saved {short_repr(old.get(k))}, now {short_repr(new.get(k))}" for k in diffs[:4])
     return shown + ("; ..." if len(diffs) > 4 else "")
 
 
@@ -258,8 +258,3 @@ def ablation_id(ablation: Any) -> str:
     """An ablation as a fingerprint entry: its name, or its kind and a hash of a given Ablation's values."""
     values = getattr(ablation, "values", None)
     return f"{ablation.kind}:{digest(values)}" if isinstance(values, Tensor) else str(ablation)
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."

@@ -243,6 +243,27 @@ def test_mib_json_import_errors():
     assert math.isnan(lenient.to_dict()["m1->logits"])
     with pytest.raises(EdgepatchError, match="is not MIB / EAP-IG graph JSON"):
         from_mib_json({"nodes": {}}, graph)
+    # malformed values: edgepatch's errors naming the entry, not Python's (and a string in_graph, once true)
+    edge = "input->a0.h0<q>"
+    for bad, message in (
+        ({**d, "cfg": {**d["cfg"], "n_layers": "two"}}, r"cfg n_layers is 'two'; expected a number"),
+        ({**d, "edges": {**d["edges"], edge: {"score": "high", "in_graph": False}}},
+         r"edge 'input->a0\.h0<q>' has score 'high'; expected a number"),
+        ({**d, "edges": {**d["edges"], edge: {"score": 1.0, "in_graph": "false"}}},
+         r"edge 'input->a0\.h0<q>' has in_graph 'false'; expected true or false"),
+        ({**d, "nodes": {"m0": {"in_graph": True, "neurons": 5}}}, r"node 'm0' has neurons 5; expected a list"),
+    ):
+        with pytest.raises(EdgepatchError, match=message):
+            from_mib_json(bad, graph)
+
+
+def test_mib_json_import_refuses_folders_and_absurd_nesting(tmp_path):
+    graph = graph_of("tiny")
+    with pytest.raises(EdgepatchError, match=r"is a folder; give the path of a graph file in it"):
+        from_mib_json(tmp_path, graph)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(EdgepatchError, match=r"deep\.json' is JSON nested too deeply"):
+        from_mib_json(tmp_path / "deep.json", graph)
 
 
 def eap_ig_index(name, n_layers, n_heads):
@@ -438,7 +459,8 @@ def test_mib_pt_never_runs_code_from_the_file(tmp_path):
     good = eap_ig_file(to_mib_json(random_scores(graph)))
     # a torch.save file whose dict also holds a function: refused by name before anything is loaded
     torch.save({**good, "hook": os.getcwd}, tmp_path / "fn.pt")
-    with pytest.raises(EdgepatchError, match=r"refers to the global '(posix|nt)\.getcwd'.*does not load it"):
+    # (anchored: the refusal was once wrapped in "its data.pkl is not a valid pickle (...)")
+    with pytest.raises(EdgepatchError, match=r"^'[^']*fn\.pt' refers to the global '(posix|nt)\.getcwd'.*does not load it"):
         from_mib_pt(tmp_path / "fn.pt", graph)
     # hand-built archives whose index would call os.mkdir when unpickled, in both pickle dialects
     for protocol, what in ((2, r"the global '(posix|nt)\.mkdir'"), (4, "the opcode STACK_GLOBAL")):
