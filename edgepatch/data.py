@@ -131,6 +131,8 @@ def _int_tensor(name: str, value: Any, ndim: tuple[int, ...], hint: str) -> Tens
                 f"{name} must be a tensor (or rectangular nested list) of token ids, got {type(value).__name__} "
                 f"that torch cannot convert ({err}). {hint} Pad rows to one length (and pass attention_mask)."
             ) from err
+    if value.numel() == 0 and name in ("clean", "corrupt"):  # (the others' sizes are checked against them)
+        raise ValueError(f"{name} is empty (shape {list(value.shape)}); a PromptPairs needs at least one prompt. {hint}")
     if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
         raise TypeError(
             f"{name} must hold integer token ids (torch.long), got dtype {value.dtype}. "
@@ -277,7 +279,14 @@ class PromptPairs:
                 raise ValueError(
                     f"per_prompt_keys names {key!r} but meta has no such key (meta keys: {sorted(self.meta)})."
                 )
-            n = len(self.meta[key])
+            try:
+                n = len(self.meta[key])
+            except TypeError:
+                raise ValueError(
+                    f"meta[{key!r}] is per-prompt (per_prompt_keys), so it needs {batch} values, one per prompt; got "
+                    f"{type(self.meta[key]).__name__} {self.meta[key]!r}. Give a list or tensor, or leave it out of "
+                    f"per_prompt_keys."
+                ) from None
             if n != batch:
                 raise ValueError(f"meta[{key!r}] is per-prompt, so it needs {batch} values, got {n}.")
 
@@ -382,6 +391,11 @@ class PromptPairs:
         ([[464, 3797]], torch.Size([1, 2]))
         """
         tok = as_tokenizer(tokenizer)
+        for name, value in (("clean", clean), ("corrupt", corrupt), ("answers", answers), ("wrong", wrong)):
+            if isinstance(value, (str, bytes)):
+                raise TypeError(
+                    f"{name} is a single string {value!r}; pass a list with one entry per prompt, e.g. [{value!r}]."
+                )
         clean, corrupt = list(clean), list(corrupt)
         answers, wrong = list(answers), list(wrong)
         n = len(clean)
@@ -473,6 +487,8 @@ class PromptPairs:
         n = self.batch
         if isinstance(index, bool):
             raise TypeError("PromptPairs index must be an int, slice, list of ints or index tensor, not bool.")
+        if not isinstance(index, (int, Tensor)) and hasattr(index, "__index__") and getattr(index, "ndim", 0) == 0:
+            index = index.__index__()  # a numpy integer
         if isinstance(index, int) or (isinstance(index, Tensor) and index.ndim == 0 and not index.is_floating_point()):
             i = int(index)
             if not -n <= i < n:
@@ -565,6 +581,10 @@ def _answer_ids(tokenizer: Any, name: str, entries: list[Any]) -> list[list[int]
             label = f"{name}[{i}]" if len(items) == 1 and not isinstance(entry, (list, tuple)) else f"{name}[{i}][{j}]"
             if isinstance(item, bool):
                 raise TypeError(f"{label} must be a string or an int token id, got bool.")
+            if not isinstance(item, (int, str, Tensor)) and hasattr(item, "__index__") and getattr(item, "ndim", 0) == 0:
+                item = item.__index__()  # a numpy integer
+            elif isinstance(item, Tensor) and item.numel() == 1 and not item.is_floating_point():
+                item = int(item)
             if isinstance(item, int):
                 if item < 0:
                     raise ValueError(f"{label} = {item} is a negative token id.")

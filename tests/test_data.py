@@ -1,5 +1,6 @@
 """PromptPairs: construction, indexing, and validation errors (message text pinned)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,8 @@ def test_answer_pos_is_last_real_token():
     ([2, 0], [2, 0]),
     (torch.tensor([2, 1]), [2, 1]),
     (torch.tensor([True, False, True]), [0, 2]),
+    (np.int64(1), [1]),  # (numpy integers once raised "'numpy.int64' object is not iterable")
+    (np.array([2, 0]), [2, 0]),
 ])
 def test_getitem(index, rows):
     d = small()
@@ -139,6 +142,15 @@ def test_error_per_prompt_meta_length():
         PromptPairs.from_tokens([[1]], [[2]], [3], [4], meta={"label": ["a", "b"]}, per_prompt_keys=["label"])
     with pytest.raises(ValueError, match=r"per_prompt_keys names 'nope' but meta has no such key"):
         PromptPairs.from_tokens([[1]], [[2]], [3], [4], per_prompt_keys=["nope"])
+    with pytest.raises(ValueError, match=r"meta\['x'\] is per-prompt .* needs 1 values, one per prompt; got int 5"):
+        PromptPairs.from_tokens([[1]], [[2]], [3], [4], meta={"x": 5}, per_prompt_keys=["x"])
+
+
+@pytest.mark.parametrize("clean", [[], [[]], torch.zeros(0, 3, dtype=torch.long)])
+def test_error_no_prompts(clean):
+    """(Once: "clean must hold integer token ids ..., got dtype torch.float32" for an empty list.)"""
+    with pytest.raises(ValueError, match=r"clean is empty \(shape \[.*\]\); a PromptPairs needs at least one prompt"):
+        PromptPairs.from_tokens(clean, clean, [], [])
 
 
 def test_validate_vocab():
@@ -206,6 +218,11 @@ def test_from_strings_ragged_and_count_errors(tok):
         PromptPairs.from_strings(tok, ["a", "b"], ["c", "d"], [" x", [" y", " z"]], [" x", " y"])
     with pytest.raises(ValueError, match="Got 2 clean prompts but 1 corrupt; expected one corrupt entry per"):
         PromptPairs.from_strings(tok, ["a", "b"], ["c"], [" x", " y"], [" x", " y"])
+    # one string instead of a list (once read as one prompt per character)
+    with pytest.raises(TypeError, match=r"clean is a single string 'ab'; pass a list with one entry per prompt"):
+        PromptPairs.from_strings(tok, "ab", "cd", " x", " y")
+    d = PromptPairs.from_strings(tok, ["a"], ["c"], [np.int64(87)], [torch.tensor(88)])  # numpy / tensor ids
+    assert d.answers.tolist() == [[87]] and d.wrong.tolist() == [[88]]
 
 
 def test_encode_is_as_given(tok):
