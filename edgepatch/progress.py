@@ -103,9 +103,12 @@ def _hash_callable(h: "hashlib._Hash", fn: Any, depth: int) -> None:
         return
     fn = getattr(fn, "__func__", fn)  # a bound method: its function
     code = getattr(fn, "__code__", None)
-    if code is None:  # an object with __call__
+    if code is None:  # an object with __call__: its class's code and its attributes
         h.update(type(fn).__qualname__.encode())
         code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
+        attrs = getattr(fn, "__dict__", None)
+        if isinstance(attrs, dict):
+            _hash_plain(h, tuple((str(k), attrs[k]) for k in sorted(attrs, key=str)), depth)
     if code is not None:
         _hash_code(h, code)
     _hash_plain(h, getattr(fn, "__defaults__", None), depth)

@@ -450,6 +450,33 @@ def test_resume_refuses_a_changed_metric_function_or_model_weight(tmp_path, fres
         sweep(fresh_model, graph, scores, data, metric="logit_diff", out=tmp_path / "n", **kw)
 
 
+def test_metric_ids_follow_code_and_values_not_state():
+    """What a resumed run compares of a custom metric: its code and the numbers it holds (closures, defaults,
+    a callable object's attributes), not a cache or counter it keeps; a built-in metric is its name."""
+    from functools import partial
+
+    from edgepatch.progress import metric_id
+
+    class Scaled:
+        def __init__(self, scale):
+            self.scale, self.seen = scale, []
+
+        def __call__(self, logits, data):
+            self.seen.append(1)
+            return self.scale * logit_diff(logits, data)
+
+    one = Scaled(1.0)
+    before = metric_id(one)
+    one.seen.append(2)
+    assert metric_id(one) == before == metric_id(Scaled(1.0)) != metric_id(Scaled(2.0))
+    assert metric_id(get_metric(Scaled(1.0))) == metric_id(get_metric(Scaled(1.0))) != metric_id(get_metric(Scaled(2.0)))
+    pick = lambda logits, data, k: logits[:, -1, k]  # noqa: E731
+    assert metric_id(partial(pick, k=1)) != metric_id(partial(pick, k=2))
+    assert metric_id(lambda logits, data: logits[:, -1, 0]) != metric_id(lambda logits, data: logits[:, -1, 1])
+    assert metric_id(ep.metrics.logit_diff) == metric_id("logit_diff") == "logit_diff"
+    assert metric_id(get_metric("kl_div")) == "kl_div"
+
+
 # ------------------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------------------
