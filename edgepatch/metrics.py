@@ -61,6 +61,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from edgepatch.data import PromptPairs
+from edgepatch.errors import EdgepatchError
 
 __all__ = [
     "Metric",
@@ -446,19 +447,24 @@ def normalized_faithfulness(value: Any, clean: Any, ablated: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------
 # Unembedding only what a metric reads (internal forwards of sweeps and attribution)
 # ------------------------------------------------------------------------------------------------------
+def metric_label(metric: Any) -> str:
+    """A metric's name for records and messages: a name as given; for a callable its ``metric_name``, its
+    ``__name__`` or its class's name."""
+    if isinstance(metric, str):
+        return metric
+    return str(getattr(metric, "metric_name", None) or getattr(metric, "__name__", None) or type(metric).__name__)
+
+
 def with_gradient(value: Tensor, metric: Any, method: str) -> Tensor:
     """``value``, the metric of logits that carry a gradient, for ``method`` to differentiate; an error that
     says why and what to use instead when it carries none (once torch's "element 0 of tensors does not
     require grad")."""
     if value.requires_grad or not torch.is_grad_enabled():
         return value
-    name = metric if isinstance(metric, str) else (getattr(metric, "metric_name", None)
-                                                   or getattr(metric, "__name__", None) or type(metric).__name__)
+    name = metric_label(metric)
     why = ("it is a step function of the logits, whose gradient is zero everywhere" if name == "accuracy" else
            "its value does not depend on the logits through autograd (.detach(), .item(), argmax, an integer "
            "result or a newly built tensor break the chain)")
-    from edgepatch.errors import EdgepatchError
-
     raise EdgepatchError(
         f"{method} needs the gradient of the metric, but {name!r} has none: {why}. Use a differentiable metric "
         f"such as 'logit_diff', 'logprob' or 'prob_diff' (a callable: torch operations on the logits), or a "

@@ -81,11 +81,11 @@ def metric_id(metric: Any) -> str:
     code (bytecode, constants, names, nested functions) and of the numbers, strings and tensors it closes
     over or takes as defaults, so that a resumed run refuses a changed function of the same name. What the
     function reads from globals, dicts, lists or other objects is not covered."""
-    from edgepatch.metrics import METRICS
+    from edgepatch.metrics import METRICS, metric_label
 
     if isinstance(metric, str):
         return metric
-    name = getattr(metric, "metric_name", None) or getattr(metric, "__name__", None) or type(metric).__name__
+    name = metric_label(metric)
     entry = METRICS.get(name)
     if entry is not None and (entry is metric or (isinstance(entry, type) and type(metric) is entry)):
         return name  # a registered metric passed as itself: the same as its name

@@ -83,6 +83,7 @@ from edgepatch.metrics import (
     answer_view,
     final_logits,
     get_metric,
+    metric_label,
     normalized_faithfulness,
     reads_answer_only,
 )
@@ -371,12 +372,6 @@ class SweepResult:
 # ------------------------------------------------------------------------------------------------------
 # Helpers: fingerprints, progress files, fast logits
 # ------------------------------------------------------------------------------------------------------
-def _metric_name(metric: Any, resolved: Any) -> str:
-    if isinstance(metric, str):
-        return metric
-    return str(getattr(resolved, "metric_name", None) or getattr(resolved, "__name__", None) or type(resolved).__name__)
-
-
 # Circuits folded into one forward share its weights' reads, but the engine's per-layer temporaries grow
 # with the rows; past a few hundred tokens they leave the CPU caches and the forward gets slower per row
 # (GPT-2 small, 8 prompts x 16 tokens: 3 circuits per forward 0.79x ten plain forwards, 9 circuits 1.4x).
@@ -537,7 +532,7 @@ def sweep(
     if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0:
         raise EdgepatchError(f"memory_budget_mb must be a positive number of megabytes; got {memory_budget_mb!r}.")
     resolved = get_metric(metric)
-    mname = _metric_name(metric, resolved)
+    mname = metric_label(metric if isinstance(metric, str) else resolved)
     spec_name = counts if isinstance(counts, str) else "list"
     requested = edge_counts(graph, counts, scores=scores, by=by)
     n_edges = scores.n_items  # edges, or (slot, edge) pairs per position

@@ -170,6 +170,7 @@ from edgepatch.metrics import (
     answer_view,
     final_logits,
     get_metric,
+    metric_label,
     normalized_faithfulness,
     reads_answer_only,
     with_gradient,
@@ -979,10 +980,6 @@ class WeightMaskResult:
                 f"{self.metric_subnetwork:.4g})")
 
 
-def _metric_name(metric: Any) -> str:
-    return getattr(metric, "metric_name", None) or getattr(metric, "__name__", None) or type(metric).__name__
-
-
 def _answer_logits(model: nn.Module, data: PromptPairs, batch_size: int) -> Tensor:
     """The logits at each prompt's answer position, ``[batch, d_vocab]`` (the other positions are not
     unembedded: see :func:`~edgepatch.metrics.final_logits`)."""
@@ -1146,7 +1143,7 @@ def train_weight_masks(
     return WeightMaskResult(
         subnetwork=subnetwork, masks=masks, n_kept=masks.n_kept(), n_total=masks.n_total,
         sparsity=masks.sparsity(), layer_sparsity=masks.layer_sparsity(), history=history,
-        metric_name=_metric_name(metric_fn), metric_full=metric_full, metric_subnetwork=metric_sub,
+        metric_name=metric_label(metric_fn), metric_full=metric_full, metric_subnetwork=metric_sub,
         target_sparsity=None if target_sparsity is None else float(target_sparsity),
     )
 
